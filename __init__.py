@@ -1,0 +1,21 @@
+"""ComfyUI entry point for comfyui-pva (Parallel Visual Attention face inpainting).
+
+Registers the model folders models/pva and models/facenet, and the nodes through ComfyUI's
+V3 extension API (comfy_entrypoint), the schema ComfyUI core's own nodes use.
+"""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .nodes import NODES
+from .nodes.folders import register_model_folders
+
+register_model_folders()
+
+
+class PVAExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> PVAExtension:
+    return PVAExtension()

@@ -1,0 +1,7 @@
+"""The pack's nodes (thin: the method lives in pva/)."""
+
+from .apply import PVAApply
+from .identity import PVAEncodeIdentity
+from .loaders import PVAFaceNetLoader, PVAInitializeFromModel, PVAModelLoader
+
+NODES = [PVAFaceNetLoader, PVAModelLoader, PVAInitializeFromModel, PVAEncodeIdentity, PVAApply]

@@ -1,0 +1,38 @@
+"""Where the real ComfyUI host is, and how to import it as a library on CPU."""
+
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def comfyui_path() -> Path:
+    """The host set up by scripts/dev-setup ($COMFYUI_PATH, else the path recorded in env.sh)."""
+    path = os.environ.get("COMFYUI_PATH")
+    if not path:
+        env_file = Path(os.environ.get("PVA_DEV_HOME", Path.home() / ".cache/comfyui-pva")) / "env.sh"
+        if env_file.exists():
+            for line in env_file.read_text().splitlines():
+                if line.startswith("COMFYUI_PATH="):
+                    path = line.split("=", 1)[1]
+    if not path or not (Path(path) / "main.py").exists():
+        raise RuntimeError(
+            "No ComfyUI host found: run scripts/dev-setup (or scripts/test) first, or set COMFYUI_PATH."
+        )
+    return Path(path)
+
+
+def import_comfy_on_cpu() -> Path:
+    """Put the host on sys.path and make comfy pick the CPU before model_management loads."""
+    host = comfyui_path()
+    if str(host) not in sys.path:
+        sys.path.insert(0, str(host))
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401  (fixes the device now, on CPU)
+
+    return host

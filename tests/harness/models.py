@@ -1,0 +1,91 @@
+"""Small UNets of the real SD1.x / SD2.x / SDXL architectures (ComfyUI's own classes), random weights.
+
+Channel counts are tiny so tests run in seconds on 2 cores; context widths, attention layout,
+linear-vs-conv projections, attention precision and ADM inputs are the families' own."""
+
+import torch
+
+
+def _unet_config(family: str, in_channels: int) -> dict:
+    common = dict(
+        image_size=32, in_channels=in_channels, out_channels=4, model_channels=32, num_res_blocks=[1, 1],
+        channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_middle=1,
+        transformer_depth_output=[1, 1, 1, 1, 1, 1], use_spatial_transformer=True, legacy=False,
+        use_temporal_attention=False, use_temporal_resblock=False, adm_in_channels=None,
+    )  # fmt: skip
+    if family == "sd15":
+        return dict(common, context_dim=768, use_linear_in_transformer=False)
+    if family in ("sd20", "sd20v"):
+        return dict(common, context_dim=1024, use_linear_in_transformer=True)
+    if family == "sdxl":
+        return dict(
+            common, context_dim=2048, use_linear_in_transformer=True, adm_in_channels=2816,
+            transformer_depth=[1, 2], transformer_depth_output=[1, 1, 1, 2, 2, 2],
+        )  # fmt: skip
+    raise ValueError(family)
+
+
+def fill_random(module: torch.nn.Module, seed: int) -> None:
+    """ComfyUI's disable_weight_init ops leave weights uninitialized: give them values."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith("bias"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+            elif param.dim() == 1:  # norm scales
+                param.copy_(1.0 + torch.randn(param.shape, generator=generator) * 0.02)
+            else:
+                fan_in = param[0].numel()
+                param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
+
+
+def tiny_model(family: str = "sd15", in_channels: int = 4, seed: int = 0):
+    """A ModelPatcher around a ComfyUI BaseModel of the given family, on CPU, float32."""
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    config_class = {"sd15": sm.SD15, "sd20": sm.SD20, "sd20v": sm.SD20, "sdxl": sm.SDXL}[family]
+    config = config_class(_unet_config(family, in_channels))
+    config.unet_config["num_head_channels"] = 16  # the families' 64-d heads, scaled to 32 channels
+    config.unet_config["num_heads"] = -1
+    config.set_inference_dtype(torch.float32, None)
+    model_type = (
+        comfy.model_base.ModelType.V_PREDICTION if family == "sd20v" else comfy.model_base.ModelType.EPS
+    )
+    model_class = comfy.model_base.SDXL if family == "sdxl" else comfy.model_base.BaseModel
+    model = model_class(config, model_type=model_type, device=torch.device("cpu"))
+    if config.inpaint_model():
+        model.set_inpaint()
+    fill_random(model.diffusion_model, seed)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
+    )
+
+
+def unet_inputs(patcher, batch: int = 2, size: int = 16, seed: int = 1, tokens: int = 77) -> dict:
+    """Deterministic x / timesteps / context (/ y for SDXL) for a direct UNet call."""
+    generator = torch.Generator().manual_seed(seed)
+    unet = patcher.model.diffusion_model
+    context_dim = patcher.model.model_config.unet_config["context_dim"]
+    inputs = dict(
+        x=torch.randn(batch, unet.in_channels, size, size, generator=generator),
+        timesteps=torch.tensor([500.0, 700.0][:batch] + [600.0] * max(0, batch - 2)),
+        context=torch.randn(batch, tokens, context_dim, generator=generator),
+    )
+    if getattr(unet, "adm_in_channels", None):
+        inputs["y"] = torch.randn(batch, unet.adm_in_channels, generator=generator)
+    return inputs
+
+
+def run_unet(patcher, inputs: dict, transformer_options: dict | None = None) -> torch.Tensor:
+    """Patch the model (object patches included), run the UNet once, unpatch."""
+    patcher.patch_model()
+    try:
+        with torch.no_grad():
+            return patcher.model.diffusion_model(
+                **inputs, transformer_options=dict(transformer_options or {})
+            )
+    finally:
+        patcher.unpatch_model()
