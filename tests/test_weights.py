@@ -1,0 +1,94 @@
+"""The PVA weights file: exact round trip, header metadata, and clear errors for bad files."""
+
+import json
+
+import pytest
+import torch
+from harness.models import run_unet, tiny_model, unet_inputs
+from pva.errors import PVAError, PVAWeightsError
+from pva.model import PVAModel
+from pva.patching import apply_identity
+from pva.weights import load_pva, read_metadata, save_pva
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return tiny_model("sd15")
+
+
+@pytest.fixture(scope="module")
+def pva(sd15):
+    model = PVAModel.initialize_from(sd15, num_tokens=4, seed=3, encoder_depth=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    return model
+
+
+def test_round_trip_is_exact(sd15, pva, tmp_path):
+    path = save_pva(pva, tmp_path / "person.safetensors")
+    loaded = load_pva(path)
+    original_state, loaded_state = pva.state_dict(), loaded.state_dict()
+    assert original_state.keys() == loaded_state.keys()
+    assert all(torch.equal(original_state[k], loaded_state[k]) for k in original_state)
+    embeddings = torch.nn.functional.normalize(torch.randn(2, 512), dim=-1)
+    inputs = unet_inputs(sd15)
+    out_a = run_unet(apply_identity(sd15, pva, pva.encode(embeddings)), inputs)
+    out_b = run_unet(apply_identity(sd15, loaded, loaded.encode(embeddings)), inputs)
+    assert torch.equal(out_a, out_b)
+
+
+def test_header_describes_the_model(pva, tmp_path):
+    meta = read_metadata(save_pva(pva, tmp_path / "p.safetensors"))
+    assert meta["family"] == "SD15" and meta["context_dim"] == "768" and meta["num_tokens"] == "4"
+    layers = json.loads(meta["layers"])
+    assert [layer["name"] for layer in layers] == [s.name for s in pva.layers]
+    assert layers[0]["name"].endswith("transformer_blocks.0.attn2")
+    assert json.loads(meta["provenance"])["initialized_from"] == "SD15"
+
+
+def test_keys_use_comfyui_block_names(pva, tmp_path):
+    from safetensors import safe_open
+
+    with safe_open(str(save_pva(pva, tmp_path / "p.safetensors")), framework="pt") as f:
+        keys = set(f.keys())
+    assert f"layers.{pva.layers[0].name}.to_q.weight" in keys
+    assert any(k.startswith("identity_encoder.transformer.") for k in keys)
+
+
+def test_refuses_to_overwrite_and_leaves_no_temp_files(pva, tmp_path):
+    path = save_pva(pva, tmp_path / "p.safetensors")
+    before = path.read_bytes()
+    with pytest.raises(PVAWeightsError, match="already exists"):
+        save_pva(pva, path)
+    assert path.read_bytes() == before
+    save_pva(pva, path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.safetensors"]
+
+
+def test_truncated_file_is_explained(pva, tmp_path):
+    path = save_pva(pva, tmp_path / "p.safetensors")
+    data = path.read_bytes()
+    for cut in (len(data) // 2, 100, 4):
+        broken = tmp_path / f"cut{cut}.safetensors"
+        broken.write_bytes(data[:cut])
+        with pytest.raises(PVAWeightsError, match="truncated"):
+            load_pva(broken)
+
+
+def test_missing_and_foreign_files_are_explained(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(PVAWeightsError, match="not found.*models/pva"):
+        load_pva(tmp_path / "nope.safetensors")
+    lora = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_down.weight": torch.zeros(2, 2)}, str(lora))
+    with pytest.raises(PVAWeightsError, match="not a PVA weights file"):
+        load_pva(lora)
+
+
+def test_file_for_another_family_is_explained_on_apply(pva, tmp_path):
+    loaded = load_pva(save_pva(pva, tmp_path / "sd15.safetensors"))
+    sdxl = tiny_model("sdxl")
+    with pytest.raises(PVAError, match=r"made for SD1.x \(SD15, 768-d context\); the MODEL is SDXL \(SDXL, 2048-d"):
+        apply_identity(sdxl, loaded, loaded.encode(torch.randn(1, 512)))
