@@ -1,0 +1,169 @@
+"""FaceNet loading (.pt / .safetensors, with the checks a user needs) and embeddings, random weights."""
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from facenet_pytorch import InceptionResnetV1
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pva.errors import PVAError, PVAWeightsError  # noqa: E402
+from pva.facenet import embed_faces, load_facenet  # noqa: E402
+
+HINT = "put the FaceNet VGGFace2 weights (20180402-114759-vggface2.pt) in ComfyUI/models/facenet/"
+
+
+@pytest.fixture(scope="module")
+def reference() -> InceptionResnetV1:
+    torch.manual_seed(0)
+    model = InceptionResnetV1().eval()
+    # random BatchNorm statistics, so a loader that skipped buffers would be caught
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def weight_files(reference, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("facenet")
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    # like the official VGGFace2 file: an 8631-class classifier the embedding does not use
+    state["logits.weight"] = torch.randn(8631, 512)
+    state["logits.bias"] = torch.randn(8631)
+    files = {"pt": folder / "20180402-114759-vggface2.pt", "safetensors": folder / "facenet.safetensors"}
+    torch.save(state, files["pt"])
+    save_file(state, str(files["safetensors"]))
+    return files
+
+
+@pytest.fixture(scope="module")
+def crops() -> torch.Tensor:
+    # standardized crops lie in [-1, 1]
+    return torch.rand(3, 3, 160, 160, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def loaded(weight_files) -> InceptionResnetV1:
+    return load_facenet(weight_files["pt"])
+
+
+def test_loads_both_formats_and_embeds(loaded, weight_files, reference, crops):
+    from_pt = loaded
+    from_st = load_facenet(str(weight_files["safetensors"]))
+    for model in (from_pt, from_st):
+        assert isinstance(model, InceptionResnetV1)
+        assert not model.training
+        assert not any(p.requires_grad for p in model.parameters())
+        assert not hasattr(model, "logits")
+
+    emb_pt = embed_faces(from_pt, crops)
+    emb_st = embed_faces(from_st, crops)
+    assert emb_pt.shape == (3, 512) and emb_pt.dtype == torch.float32
+    torch.testing.assert_close(emb_pt.norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(emb_pt, emb_st, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(emb_pt, reference(crops), rtol=1e-5, atol=1e-5)
+
+
+def test_embeds_on_the_models_dtype(loaded, crops):
+    expected = embed_faces(loaded, crops[:2])
+    got = embed_faces(copy.deepcopy(loaded).to(torch.float64), crops[:2])
+    assert got.dtype == torch.float32 and got.device == crops.device
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_embed_rejects_bad_crops(loaded):
+    for bad in (torch.zeros(3, 160, 160), torch.zeros(1, 160, 160, 3), torch.zeros(0, 3, 160, 160)):
+        with pytest.raises(PVAError, match="face crops"):
+            embed_faces(loaded, bad)
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "models" / "facenet" / "20180402-114759-vggface2.pt"
+    with pytest.raises(PVAWeightsError) as error:
+        load_facenet(path)
+    message = str(error.value)
+    assert str(path) in message and "not found" in message and HINT in message
+    with pytest.raises(PVAWeightsError, match="not found"):
+        load_facenet(tmp_path)  # a folder is not a weights file
+
+
+@pytest.mark.parametrize("kind", ["pt", "safetensors"])
+def test_truncated_file(weight_files, tmp_path, kind):
+    data = weight_files[kind].read_bytes()
+    path = tmp_path / f"truncated.{kind}"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PVAWeightsError) as error:
+        load_facenet(path)
+    message = str(error.value)
+    assert str(path) in message and "cannot be read" in message and "truncated or corrupt" in message
+    assert HINT in message
+
+
+@pytest.mark.parametrize("kind", ["pt", "safetensors"])
+def test_not_a_facenet_state_dict(tmp_path, kind):
+    state = torch.nn.Linear(4, 2).state_dict()
+    path = tmp_path / f"linear.{kind}"
+    torch.save(state, path) if kind == "pt" else save_file(state, str(path))
+    with pytest.raises(PVAWeightsError) as error:
+        load_facenet(path)
+    message = str(error.value)
+    expected_keys = sum(not k.endswith("num_batches_tracked") for k in InceptionResnetV1().state_dict())
+    assert str(path) in message and "not an InceptionResnetV1" in message
+    assert f"of {expected_keys} keys missing (e.g. conv2d_1a.conv.weight)" in message
+    assert HINT in message
+
+
+def test_wrong_shapes(reference, tmp_path):
+    state = dict(reference.state_dict())
+    state["last_linear.weight"] = torch.zeros(128, 1792)  # a 128-d FaceNet is another model
+    path = tmp_path / "facenet128.pt"
+    torch.save(state, path)
+    with pytest.raises(PVAWeightsError) as error:
+        load_facenet(path)
+    message = str(error.value)
+    assert "1 keys with the wrong shape" in message and "missing" not in message
+    assert "last_linear.weight: file [128, 1792], expected [512, 1792]" in message
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that code from the weights file ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_refuses_pickled_objects(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"conv2d_1a.conv.weight": _Payload(marker)}, path)
+    with pytest.raises(PVAWeightsError) as error:
+        load_facenet(path)
+    message = str(error.value)
+    assert str(path) in message and "refused" in message and "weights_only" in message
+    assert not marker.exists()
+
+
+def test_not_a_state_dict(tmp_path):
+    path = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(PVAWeightsError, match="is not a state dict"):
+        load_facenet(path)
+
+
+def test_batchnorm_counters_are_optional(reference, crops, tmp_path):
+    # num_batches_tracked is training bookkeeping; a file without it is still a full FaceNet
+    state = {k: v for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "no-counters.safetensors"
+    save_file(state, str(path))
+    with torch.no_grad():
+        torch.testing.assert_close(embed_faces(load_facenet(path), crops), reference(crops))

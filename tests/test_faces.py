@@ -1,0 +1,193 @@
+"""Face detection, alignment and masks on a real photo (skimage's astronaut) with the real MTCNN."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pva.faces as faces  # noqa: E402
+from pva.errors import NoFaceFoundError, PVAError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> torch.Tensor:
+    skimage_data = pytest.importorskip("skimage.data")
+    return torch.from_numpy(skimage_data.astronaut().copy()).float().div(255)[None]  # [1,512,512,3]
+
+
+def to_image(crops: torch.Tensor) -> torch.Tensor:
+    """Standardized [B,3,H,W] crops back to a ComfyUI IMAGE [B,H,W,3] in 0..1."""
+    return ((crops * 128 + 127.5) / 255).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    chw = image.permute(0, 3, 1, 2)
+    return F.interpolate(chw, size=(height, width), mode="bilinear", antialias=True).permute(0, 2, 3, 1)
+
+
+def test_detects_the_astronaut(astronaut):
+    (face,) = faces.detect_faces(astronaut)
+    x1, y1, x2, y2 = face.box
+    assert 0 <= x1 < x2 <= 512 and 0 <= y1 < y2 <= 512
+    assert 40 < x2 - x1 < 200 and 40 < y2 - y1 < 200
+    assert face.probability > 0.99
+    assert len(face.landmarks) == 5
+    for x, y in face.landmarks:
+        assert x1 <= x <= x2 and y1 <= y <= y2
+    (lex, ley), (rex, rey), (nx, ny), (mlx, mly), (mrx, mry) = face.landmarks
+    assert lex < rex and mlx < mrx
+    assert max(ley, rey) < ny < min(mly, mry)  # eyes above nose above mouth
+    assert abs(math.degrees(face.eye_angle)) < 5
+
+
+def test_crop_shape_and_standardization(astronaut):
+    detected = faces.detect_faces(astronaut)
+    crops = faces.align_faces(astronaut, detected)
+    assert crops.shape == (1, 3, 160, 160) and crops.dtype == torch.float32
+    assert crops.min() >= -127.5 / 128 - 1e-6 and crops.max() <= 127.5 / 128 + 1e-6
+    # a face crop is not flat and uses much of the range
+    assert crops.std() > 0.2
+    assert faces.align_faces(astronaut, detected, size=96).shape == (1, 3, 96, 96)
+
+
+def test_alignment_geometry_is_exact():
+    # A photo whose pixels hold their own coordinates: the crop must sample exactly
+    # c + side/2 * R(angle) (u, v), with zeros outside the photo.
+    h, w = 120, 200
+    ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    image = torch.stack([xs / w, ys / h, torch.full_like(xs, 0.5)], dim=-1)[None]
+    angle = math.radians(20)
+    eye = 10 * torch.tensor([math.cos(angle), math.sin(angle)])
+    face = faces.DetectedFace(
+        box=(80.0, 30.0, 120.0, 80.0),  # centre (100, 55), side 50 -> 60 with margin 0.1
+        landmarks=((90.0, 50.0), (90.0 + eye[0].item(), 50.0 + eye[1].item()), (0, 0), (0, 0), (0, 0)),
+        probability=1.0,
+    )
+    size = 32
+    out = to_image(faces.align_faces(image, [face], size=size, margin=0.1))[0]
+    u = (torch.arange(size) + 0.5) / size * 2 - 1
+    v, u = torch.meshgrid(u, u, indexing="ij")
+    side = 60
+    x = 100 + side / 2 * (math.cos(angle) * u - math.sin(angle) * v)
+    y = 55 + side / 2 * (math.sin(angle) * u + math.cos(angle) * v)
+    torch.testing.assert_close(out[..., 0], x / w, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[..., 1], y / h, atol=1e-4, rtol=0)
+
+    # the same face near the photo's corner: outside is black (zero padding)
+    corner = faces.DetectedFace(box=(-30.0, -30.0, 10.0, 10.0), landmarks=face.landmarks, probability=1.0)
+    out = to_image(faces.align_faces(image, [corner], size=size, margin=0.0))[0]
+    assert out[0, 0].abs().max() == 0 and out[-1, -1].abs().max() > 0
+
+
+def test_alignment_levels_tilted_eyes(astronaut):
+    tilted = TF.rotate(astronaut.permute(0, 3, 1, 2), 15, interpolation=TF.InterpolationMode.BILINEAR)
+    tilted = tilted.permute(0, 2, 3, 1)
+    (face,) = faces.detect_faces(tilted)
+    assert abs(abs(math.degrees(face.eye_angle)) - 15) < 4  # the detector sees the tilt
+
+    crop = to_image(faces.align_faces(tilted, [face], size=256))
+    (again,) = faces.detect_faces(crop)
+    assert abs(math.degrees(again.eye_angle)) < 3  # rotating the wrong way would give ~30 degrees
+    # the face fills the crop: box about 1 / (1 + 2 * margin) of the side, roughly centred
+    x1, y1, x2, y2 = again.box
+    assert 0.45 < (x2 - x1) / 256 < 0.9
+    assert abs((x1 + x2) / 2 - 128) < 30 and abs((y1 + y2) / 2 - 128) < 40
+
+
+def test_largest_face_and_face_index(astronaut):
+    face_patch = astronaut[:, 30:210, 135:315]  # 180x180 around the astronaut's face
+    canvas = torch.full((1, 400, 640, 3), 0.5)
+    canvas[:, 20:380, 240:600] = resize(face_patch, 360, 360)  # big copy, right
+    canvas[:, 150:270, 40:160] = resize(face_patch, 120, 120)  # small copy, left
+
+    (largest,) = faces.detect_faces(canvas)
+    assert largest.box[0] > 240
+    (second,) = faces.detect_faces(canvas, face_index=1)
+    assert second.box[2] < 160
+    assert largest.area > 4 * second.area
+    assert faces.detect_faces(canvas, face_index=0) == [largest]
+
+    with pytest.raises(PVAError, match=r"reference photo 1 of 1: face index 2 .*only 2 face"):
+        faces.detect_faces(canvas, face_index=2)
+
+
+def test_list_of_photos_of_different_sizes(astronaut):
+    half = resize(astronaut, 256, 256)
+    big, small = faces.detect_faces([astronaut, half])
+    for a, b in zip(big.box, small.box, strict=True):
+        assert abs(a / 2 - b) < 8
+    crops = faces.align_faces([astronaut, half], [big, small])
+    assert crops.shape == (2, 3, 160, 160)
+    assert (crops[0] - crops[1]).abs().mean() < 0.15  # the same face, aligned the same way
+    # a list item may also be a single [H,W,3] photo
+    assert len(faces.detect_faces([astronaut[0], half])) == 2
+
+
+def test_no_face_names_the_reference(astronaut):
+    noise = torch.rand(1, 300, 200, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(NoFaceFoundError) as error:
+        faces.detect_faces([astronaut, noise, astronaut])
+    message = str(error.value)
+    assert "reference photo 2 of 3: no face found" in message
+    assert "threshold 0.9" in message and "lower the detection threshold" in message
+
+    blank = torch.zeros(2, 64, 64, 3)
+    with pytest.raises(NoFaceFoundError, match=r"reference photo 1 of 2: .*threshold 0\.95"):
+        faces.detect_faces(blank, threshold=0.95)
+    with pytest.raises(NoFaceFoundError, match="reference photo 1 of 1"):
+        faces.detect_faces(torch.ones(1, 12, 12, 3))  # smaller than MTCNN's smallest face
+
+
+@pytest.mark.parametrize(
+    "images",
+    [
+        torch.zeros(64, 64, 3),  # no batch dimension
+        torch.zeros(1, 64, 64, 4),  # RGBA
+        torch.zeros(1, 3, 64, 64),  # channels first
+        torch.zeros(0, 64, 64, 3),  # empty batch
+        torch.zeros(1, 0, 64, 3),
+        [],
+        [torch.zeros(1, 64, 64)],
+        "photo.png",
+    ],
+)
+def test_bad_shapes_name_the_input(images):
+    with pytest.raises(PVAError, match="reference images"):
+        faces.detect_faces(images)
+
+
+def test_bad_arguments(astronaut):
+    with pytest.raises(PVAError, match="threshold"):
+        faces.detect_faces(astronaut, threshold=1.5)
+    with pytest.raises(PVAError, match="face index"):
+        faces.detect_faces(astronaut, face_index=-1)
+    face = faces.DetectedFace(box=(0.0, 0.0, 10.0, 10.0), landmarks=((0, 0),) * 5, probability=1.0)
+    with pytest.raises(PVAError, match="2 photos but 1 detected faces"):
+        faces.align_faces(torch.zeros(2, 64, 64, 3), [face])
+
+
+def test_face_region_mask(astronaut):
+    (face,) = faces.detect_faces(astronaut)
+    mask = faces.face_region_mask(face, 512, 512)
+    assert mask.shape == (512, 512) and mask.dtype == torch.float32
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    x1, y1, x2, y2 = face.box
+    assert mask[int((y1 + y2) / 2), int((x1 + x2) / 2)] == 1
+    assert mask[0, 0] == 0 and mask[0, -1] == 0 and mask[-1, 0] == 0 and mask[-1, -1] == 0
+    # grown by 15 % on each side: the box's edge midpoints are inside, its corners are not
+    assert mask[int((y1 + y2) / 2), int(x1) + 1] == 1 and mask[int(y1) + 1, int((x1 + x2) / 2)] == 1
+    assert mask[int(y1), int(x1)] == 0
+    ellipse_area = math.pi / 4 * (x2 - x1) * (y2 - y1) * 1.3**2
+    assert abs(mask.sum().item() / ellipse_area - 1) < 0.03
+    assert faces.face_region_mask(face, 512, 512, grow=0.0).sum() < mask.sum()
+
+    # a face at the photo's edge is clipped, not an error
+    edge = faces.DetectedFace(box=(-20.0, 40.0, 30.0, 100.0), landmarks=face.landmarks, probability=1.0)
+    clipped = faces.face_region_mask(edge, 120, 80)
+    assert clipped.shape == (120, 80) and clipped[70, 0] == 1 and clipped[70, -1] == 0
