@@ -1,7 +1,6 @@
 """FaceNet loading (.pt / .safetensors, with the checks a user needs) and embeddings, random weights."""
 
 import copy
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,10 +8,8 @@ import torch
 from facenet_pytorch import InceptionResnetV1
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pva.errors import PVAError, PVAWeightsError  # noqa: E402
-from pva.facenet import embed_faces, load_facenet  # noqa: E402
+from pva.errors import PVAError, PVAWeightsError
+from pva.facenet import embed_faces, load_facenet
 
 HINT = "put the FaceNet VGGFace2 weights (20180402-114759-vggface2.pt) in ComfyUI/models/facenet/"
 

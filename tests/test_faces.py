@@ -1,18 +1,14 @@
 """Face detection, alignment and masks on a real photo (skimage's astronaut) with the real MTCNN."""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import pva.faces as faces  # noqa: E402
-from pva.errors import NoFaceFoundError, PVAError  # noqa: E402
+import pva.faces as faces
+from pva.errors import NoFaceFoundError, PVAError
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from harness.models import run_unet, tiny_model, unet_inputs
+
 from pva.errors import PVAError, PVAWeightsError
 from pva.model import PVAModel
 from pva.patching import apply_identity
@@ -90,5 +91,7 @@ def test_missing_and_foreign_files_are_explained(tmp_path):
 def test_file_for_another_family_is_explained_on_apply(pva, tmp_path):
     loaded = load_pva(save_pva(pva, tmp_path / "sd15.safetensors"))
     sdxl = tiny_model("sdxl")
-    with pytest.raises(PVAError, match=r"made for SD1.x \(SD15, 768-d context\); the MODEL is SDXL \(SDXL, 2048-d"):
+    with pytest.raises(
+        PVAError, match=r"made for SD1.x \(SD15, 768-d context\); the MODEL is SDXL \(SDXL, 2048-d"
+    ):
         apply_identity(sdxl, loaded, loaded.encode(torch.randn(1, 512)))

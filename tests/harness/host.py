@@ -26,10 +26,12 @@ def comfyui_path() -> Path:
 def import_comfy_on_cpu() -> Path:
     """Put the host on sys.path and make comfy pick the CPU before model_management loads."""
     host = comfyui_path()
-    if str(host) not in sys.path:
-        sys.path.insert(0, str(host))
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
+    # The host goes first: its top-level `nodes` module must win over this pack's `nodes/`
+    # folder (inside ComfyUI the pack is a package, so the two never clash there).
+    for path in (str(REPO_ROOT), str(host)):
+        if path in sys.path:
+            sys.path.remove(path)
+    sys.path[:0] = [str(host), str(REPO_ROOT)]
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True

@@ -89,3 +89,27 @@ def run_unet(patcher, inputs: dict, transformer_options: dict | None = None) -> 
             )
     finally:
         patcher.unpatch_model()
+
+
+def tiny_vae(seed: int = 0, latent_channels: int = 4):
+    """A ComfyUI VAE (AutoencoderKL, 8x down-sampling like SD's) with few channels, random weights."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    ddconfig = dict(
+        double_z=True, z_channels=latent_channels, resolution=256, in_channels=3, out_ch=3, ch=32,
+        ch_mult=[1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
+    )  # fmt: skip
+    params = dict(embed_dim=latent_channels, ddconfig=ddconfig)
+    autoencoder = AutoencoderKL(**params)
+    fill_random(autoencoder, seed)
+    vae = comfy.sd.VAE(sd=autoencoder.state_dict(), config={"params": params})
+    vae.latent_channels = latent_channels
+    return vae
+
+
+def text_conditioning(patcher, seed: int = 7, tokens: int = 77) -> list:
+    """A CONDITIONING like CLIPTextEncode's, random, of the model's context width."""
+    generator = torch.Generator().manual_seed(seed)
+    context_dim = patcher.model.model_config.unet_config["context_dim"]
+    return [[torch.randn(1, tokens, context_dim, generator=generator), {}]]

@@ -1,0 +1,370 @@
+"""Quick personalization: fine-tune a PVA model on one person's photos in ~40 steps.
+
+Runs the denoising loss through the real ComfyUI model (its model management, its inpaint
+conditioning, its cond batching) with only the PVA parameters trainable. The base model is
+frozen and left exactly as it was, also when ComfyUI interrupts the run.
+"""
+
+import copy
+import math
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import comfy.model_management
+import comfy.sampler_helpers
+import comfy.samplers
+import torch
+import torch.utils.checkpoint
+
+from .errors import PVAError
+from .model import PVAModel
+from .patching import apply_identity, check_compatible
+from .training_data import PersonalizationData
+
+if TYPE_CHECKING:
+    from comfy.model_patcher import ModelPatcher
+    from comfy.sd import VAE
+
+TRAINABLE = ("both", "identity_encoder", "projections")
+
+
+@dataclass
+class TrainingSettings:
+    steps: int = 40
+    learning_rate: float = 1e-4
+    batch_size: int = 1  # targets per optimizer step (gradients accumulated)
+    time_bins: int = 4  # K: each target is used at one timestep from each of K bins
+    seed: int = 0
+    train: str = "both"
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"  # "auto": bf16 autocast on CUDA when supported; "none"
+
+    def validate(self) -> None:
+        checks = [
+            (self.steps >= 1, f"steps: must be at least 1, got {self.steps}."),
+            (self.learning_rate > 0, f"learning_rate: must be > 0, got {self.learning_rate}."),
+            (self.batch_size >= 1, f"batch_size: must be at least 1, got {self.batch_size}."),
+            (1 <= self.time_bins <= 1000, f"time_bins: must be 1..1000, got {self.time_bins}."),
+            (self.train in TRAINABLE, f"train: must be one of {TRAINABLE}, got {self.train!r}."),
+            (
+                self.mixed_precision in ("auto", "none"),
+                f"mixed_precision: 'auto' or 'none', got {self.mixed_precision!r}.",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise PVAError(message)
+
+
+@dataclass
+class TrainingResult:
+    pva: PVAModel
+    losses: list[float] = field(default_factory=list)
+
+
+def check_latent_format(model_patcher: "ModelPatcher", vae: "VAE") -> None:
+    """A VAE whose latents the MODEL cannot read would fail deep inside the UNet."""
+    model_channels = model_patcher.model.latent_format.latent_channels
+    vae_channels = getattr(vae, "latent_channels", model_channels)
+    if vae_channels != model_channels:
+        family = type(model_patcher.model.model_config).__name__
+        raise PVAError(
+            f"vae: it makes {vae_channels}-channel latents but the MODEL ({family}) works on {model_channels}-channel "
+            "latents. Connect the VAE that belongs to this checkpoint."
+        )
+
+
+def encode_inpaint_targets(
+    data: PersonalizationData, vae: "VAE", positive: list
+) -> list[tuple[list, torch.Tensor]]:
+    """(conditioning, clean latent) per target, from ComfyUI's own InpaintModelConditioning."""
+    import nodes  # ComfyUI's core nodes module (the host's, not this pack's nodes/)
+
+    inpaint = nodes.InpaintModelConditioning()
+    targets = []
+    with torch.no_grad():
+        for i in range(data.count):
+            pixels, mask = data.pixels[i : i + 1], data.masks[i : i + 1]
+            cond, _, latent = inpaint.encode(positive, positive, pixels, vae, mask, noise_mask=True)
+            targets.append((cond, latent["samples"]))
+    return targets
+
+
+class Personalizer:
+    """One personalization run. Use as a context manager: entering loads and prepares the
+    model for training, leaving restores it whatever happened."""
+
+    def __init__(
+        self,
+        model_patcher: "ModelPatcher",
+        pva: PVAModel,
+        data: PersonalizationData,
+        targets: list,
+        settings: TrainingSettings,
+    ):  # noqa: ANN001
+        settings.validate()
+        check_compatible(pva, model_patcher)
+        if model_patcher.model.model_config.unet_config.get("in_channels", 4) > 4:
+            self.masked_loss = False  # an inpainting model: the paper's whole-latent loss
+        else:
+            self.masked_loss = True  # a regular model learns the face region only
+        self.settings = settings
+        self.data = data
+        self.pva = pva
+        self.targets = targets
+        tokens = pva.encode(data.references_for(0))
+        self.patched = apply_identity(model_patcher, pva, tokens, scope="both")
+        self.stream = self.patched.get_model_object(f"diffusion_model.{pva.layers[0].name}").pva_streams[-1]
+        self._restore: list[Callable[[], None]] = []
+
+    # -- entering and leaving ---------------------------------------------------------------
+    def __enter__(self) -> "Personalizer":
+        try:
+            comfy.model_management.load_models_gpu([self.patched], force_full_load=True)
+            self.patched.pre_run()  # what ComfyUI's sampler does before running the model
+            self._restore.append(self.patched.cleanup)
+            self.device = self.patched.load_device
+            diffusion_model = self.patched.model.diffusion_model
+            self._freeze_base(diffusion_model)
+            if self.settings.gradient_checkpointing:
+                self._checkpoint_blocks(diffusion_model)
+            self.pva.to(self.device).train()
+            self._set_trainable()
+            self.targets = [(_plain(cond), _plain(latent)) for cond, latent in self.targets]
+            self.conds = [self._model_conds(cond, latent) for cond, latent in self.targets]
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for undo in reversed(self._restore):
+            undo()
+        self._restore.clear()
+        self.pva.to("cpu").eval().requires_grad_(False)
+        self.stream.tokens = self.stream.tokens.detach().cpu()
+        _unload(self.patched)
+        comfy.model_management.soft_empty_cache()
+
+    def _freeze_base(self, module: torch.nn.Module) -> None:
+        """No gradients for the base weights; weights created under ComfyUI's inference mode
+        are swapped for equal normal tensors (autograd cannot save inference tensors) and
+        the originals put back afterwards."""
+        swapped = []
+        for sub in module.modules():
+            for name, tensor in list(sub._parameters.items()) + list(sub._buffers.items()):
+                if tensor is None:
+                    continue
+                if tensor.is_inference():
+                    is_param = name in sub._parameters
+                    copy_ = (
+                        torch.nn.Parameter(tensor.clone(), requires_grad=False)
+                        if is_param
+                        else tensor.clone()
+                    )
+                    (sub._parameters if is_param else sub._buffers)[name] = copy_
+                    swapped.append((sub, name, tensor, is_param))
+                elif name in sub._parameters and tensor.requires_grad:
+                    tensor.requires_grad_(False)
+                    swapped.append((sub, name, None, True))
+
+        def undo() -> None:
+            for sub, name, original, is_param in swapped:
+                if original is None:
+                    sub._parameters[name].requires_grad_(True)
+                else:
+                    (sub._parameters if is_param else sub._buffers)[name] = original
+
+        self._restore.append(undo)
+
+    def _checkpoint_blocks(self, diffusion_model: torch.nn.Module) -> None:
+        """Recompute each UNet layer in the backward pass instead of storing its activations.
+
+        ComfyUI's UNet calls the layers inside each block directly (forward_timestep_embed),
+        so the layers, not the blocks, get the checkpointed forward."""
+        blocks = (
+            list(diffusion_model.input_blocks)
+            + [diffusion_model.middle_block]
+            + list(diffusion_model.output_blocks)
+        )
+        layers = [layer for block in blocks for layer in block]
+        for layer in layers:
+
+            def checkpointed(*args, _forward: Callable = layer.forward, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+            layer.forward = checkpointed
+        self._restore.append(lambda: [layer.__dict__.pop("forward", None) for layer in layers])
+
+    def _set_trainable(self) -> None:
+        self.pva.requires_grad_(False)
+        if self.settings.train in ("both", "identity_encoder"):
+            self.pva.identity_encoder.requires_grad_(True)
+        if self.settings.train in ("both", "projections"):
+            self.pva.projections.requires_grad_(True)
+        self.parameters = [p for p in self.pva.parameters() if p.requires_grad]
+
+    def _model_conds(self, cond: list, latent: torch.Tensor) -> list:
+        """ComfyUI's own processing of a conditioning (inpaint concat etc.) for this latent."""
+        latent = self.patched.model.process_latent_in(latent.to(self.device))
+        noise = torch.zeros((self.settings.time_bins,) + tuple(latent.shape[1:]), device=self.device)
+        processed = comfy.samplers.process_conds(
+            self.patched.model,
+            noise,
+            {"positive": comfy.sampler_helpers.convert_cond(cond)},
+            self.device,
+            latent_image=latent,
+            denoise_mask=None,
+            seed=0,
+        )
+        return processed["positive"]
+
+    # -- the loss ---------------------------------------------------------------------------
+    def loss(self, target: int, generator: torch.Generator) -> torch.Tensor:
+        """Denoising loss of one target at K stratified timesteps (one from each of K equal
+        bins of [0, 1000)), as noise-prediction MSE."""
+        bins = self.settings.time_bins
+        sampling = self.patched.model.model_sampling
+        offsets = torch.rand(bins, generator=generator)
+        timesteps = ((torch.arange(bins) + offsets) * (1000.0 / bins)).clamp(max=999.0)
+        sigmas = sampling.sigma(timesteps.to(sampling.sigmas.device)).to(self.device)
+        _, latent = self.targets[target]
+        x0 = self.patched.model.process_latent_in(latent.to(self.device)).expand(bins, -1, -1, -1)
+        noise = torch.randn(x0.shape, generator=generator).to(self.device)
+        x_t = sampling.noise_scaling(sigmas, noise, x0)
+        self.stream.tokens = self.pva.identity_encoder(self.data.references_for(target).to(self.device))
+        with self._autocast():
+            denoised = comfy.samplers.calc_cond_batch(
+                self.patched.model, [self.conds[target]], x_t, sigmas, self.patched.model_options
+            )[0]
+        # for noise-scaled models x_t = x0 + sigma * noise, so the predicted noise is
+        # (x_t - denoised) / sigma and its error is (x0 - denoised) / sigma
+        error = (denoised.float() - x0.float()) / sigmas.float().view(-1, 1, 1, 1)
+        if self.masked_loss:
+            weight = torch.nn.functional.interpolate(
+                self.data.masks[target][None, None].to(self.device), x0.shape[-2:]
+            )
+            return (error.pow(2) * weight).sum() / (weight.sum() * error.shape[0] * error.shape[1]).clamp(
+                min=1
+            )
+        return error.pow(2).mean()
+
+    def _autocast(self):  # noqa: ANN202
+        if (
+            self.settings.mixed_precision == "auto"
+            and self.device.type == "cuda"
+            and torch.cuda.is_bf16_supported()
+        ):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def train(self, on_step: Callable[[int, float], None] | None = None) -> list[float]:
+        settings = self.settings
+        generator = torch.Generator().manual_seed(settings.seed)
+        optimizer = torch.optim.AdamW(self.parameters, lr=settings.learning_rate, weight_decay=1e-2)
+        losses = []
+        for step in range(settings.steps):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for j in range(settings.batch_size):
+                target = (step * settings.batch_size + j) % self.data.count  # rotate the references
+                loss = self.loss(target, generator) / settings.batch_size
+                loss.backward()
+                total += loss.item()
+            if not math.isfinite(total):
+                raise PVAError(
+                    f"personalization diverged at step {step + 1} (loss {total}); lower the learning_rate."
+                )
+            optimizer.step()
+            losses.append(total)
+            if on_step:
+                on_step(step, total)
+        del optimizer
+        return losses
+
+    @torch.no_grad()
+    def held_out_loss(self, target: int, seed: int = 1234, repeats: int = 2) -> float:
+        """Loss on fixed noise and timesteps (no dropout), to measure what training did."""
+        self.pva.eval()
+        try:
+            generator = torch.Generator().manual_seed(seed)
+            return sum(self.loss(target, generator).item() for _ in range(repeats)) / repeats
+        finally:
+            self.pva.train()
+
+
+def _plain(value):  # noqa: ANN001, ANN202
+    """Normal (non-inference) copies of tensors made by ComfyUI's inference-mode executor."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.is_inference() else value
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _unload(patcher: "ModelPatcher") -> None:
+    """Take the training clone out of ComfyUI's loaded models, restoring the original modules."""
+    for loaded in list(comfy.model_management.current_loaded_models):
+        if loaded.model is patcher:
+            loaded.model_unload()
+            comfy.model_management.current_loaded_models.remove(loaded)
+            return
+    patcher.unpatch_model()  # patched but never registered (loading failed half-way)
+
+
+def _normal_parameters_(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace parameters created under inference mode (e.g. by a loader node) by normal ones."""
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None and param.is_inference():
+                sub._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=param.requires_grad)
+    return module
+
+
+@contextmanager
+def training_mode() -> Iterator[None]:
+    """Gradients on, even inside ComfyUI's inference-mode executor."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def personalize(
+    model_patcher: "ModelPatcher",
+    vae: "VAE",
+    positive: list,
+    data: PersonalizationData,
+    pva: PVAModel,
+    settings: TrainingSettings,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainingResult:
+    """Train a copy of `pva` on `data`; the input PVA model and the MODEL are left unchanged."""
+    check_latent_format(model_patcher, vae)
+    with training_mode(), torch.random.fork_rng(devices=[]):
+        trained = _normal_parameters_(copy.deepcopy(pva))
+        trained.instance_id = uuid.uuid4().hex
+        torch.manual_seed(settings.seed)  # dropout in the identity encoder
+        targets = encode_inpaint_targets(data, vae, positive)
+        with Personalizer(model_patcher, trained, data, targets, settings) as run:
+            losses = run.train(on_step)
+    trained.provenance = dict(
+        pva.provenance,
+        personalized=dict(
+            steps=settings.steps,
+            learning_rate=settings.learning_rate,
+            time_bins=settings.time_bins,
+            batch_size=settings.batch_size,
+            seed=settings.seed,
+            train=settings.train,
+            references=data.count,
+            final_loss=losses[-1],
+        ),
+    )
+    return TrainingResult(trained, losses)

@@ -1,0 +1,152 @@
+"""Quick personalization on real ComfyUI model classes (tiny SD1.5-inpainting UNet, tiny VAE)."""
+
+import hashlib
+
+import comfy.model_management
+import pytest
+import torch
+from harness.models import text_conditioning, tiny_model, tiny_vae
+from harness.people import synthetic_person
+
+from pva.errors import PVAError
+from pva.model import PVAModel
+from pva.training import Personalizer, TrainingSettings, encode_inpaint_targets, personalize, training_mode
+
+SETTINGS = dict(steps=40, learning_rate=2e-3, time_bins=4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model("sd15", in_channels=9)
+    vae = tiny_vae()
+    positive = text_conditioning(model)
+    pva = PVAModel.initialize_from(model, num_tokens=4, seed=0, encoder_depth=1)
+    person_a = synthetic_person((0.9, 0.2, 0.2), seed=1)
+    person_b = synthetic_person((0.2, 0.3, 0.9), seed=2)
+    return model, vae, positive, pva, person_a, person_b
+
+
+def _held_out(model, vae, positive, pva, data):
+    """Mean held-out loss over the person's photos, on fixed noise and timesteps."""
+    with training_mode():
+        targets = encode_inpaint_targets(data, vae, positive)
+        with Personalizer(model, pva, data, targets, TrainingSettings(time_bins=8)) as run:
+            return sum(run.held_out_loss(i) for i in range(data.count)) / data.count
+
+
+def _checksum(model):
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained_on_a(setup):
+    model, vae, positive, pva, person_a, _ = setup
+    checksum = _checksum(model)
+    result = personalize(model, vae, positive, person_a, pva, TrainingSettings(**SETTINGS))
+    return result, checksum
+
+
+def test_forty_steps_lower_the_held_out_loss(setup, trained_on_a):
+    model, vae, positive, pva, person_a, _ = setup
+    result, _ = trained_on_a
+    before = _held_out(model, vae, positive, pva, person_a)
+    after = _held_out(model, vae, positive, result.pva, person_a)
+    assert len(result.losses) == 40
+    assert after < 0.8 * before, (before, after)
+
+
+def test_base_weights_and_input_pva_are_unchanged(setup, trained_on_a):
+    model, _, _, pva, _, _ = setup
+    result, checksum = trained_on_a
+    assert _checksum(model) == checksum
+    assert not any(type(m).__name__ == "ParallelCrossAttention" for m in model.model.modules())
+    assert all(not p.requires_grad for p in result.pva.parameters())
+    fresh = PVAModel.initialize_from(model, num_tokens=4, seed=0, encoder_depth=1)
+    assert all(
+        torch.equal(a, b) for a, b in zip(pva.state_dict().values(), fresh.state_dict().values(), strict=True)
+    )
+    assert result.pva.provenance["personalized"]["steps"] == 40
+
+
+def test_same_seed_gives_bit_identical_weights(setup):
+    model, vae, positive, pva, person_a, _ = setup
+    short = TrainingSettings(steps=2, learning_rate=1e-3, seed=5)
+    one = personalize(model, vae, positive, person_a, pva, short).pva.state_dict()
+    two = personalize(model, vae, positive, person_a, pva, short).pva.state_dict()
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    other = personalize(
+        model, vae, positive, person_a, pva, TrainingSettings(steps=2, learning_rate=1e-3, seed=6)
+    )
+    assert any(not torch.equal(one[k], other.pva.state_dict()[k]) for k in one)
+
+
+def test_only_the_chosen_parameters_train(setup):
+    model, vae, positive, pva, person_a, _ = setup
+    settings = TrainingSettings(steps=2, learning_rate=1e-3, train="projections")
+    trained = personalize(model, vae, positive, person_a, pva, settings).pva
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(trained.identity_encoder.parameters(), pva.identity_encoder.parameters(), strict=True)
+    )
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(trained.projections.parameters(), pva.projections.parameters(), strict=True)
+    )
+
+
+def test_gradient_checkpointing_gives_the_same_step(setup):
+    model, vae, positive, pva, person_a, _ = setup
+    plain = personalize(
+        model, vae, positive, person_a, pva, TrainingSettings(steps=1, learning_rate=1e-3)
+    ).pva
+    checkpointed = personalize(
+        model,
+        vae,
+        positive,
+        person_a,
+        pva,
+        TrainingSettings(steps=1, learning_rate=1e-3, gradient_checkpointing=True),
+    ).pva
+    for a, b in zip(plain.parameters(), checkpointed.parameters(), strict=True):
+        assert (a - b).abs().max() <= 1e-6
+    assert not any("forward" in vars(m) for m in model.model.modules()), (
+        "checkpointing left a patched forward"
+    )
+
+
+def test_interrupt_stops_cleanly(setup):
+    model, vae, positive, pva, person_a, _ = setup
+    checksum = _checksum(model)
+
+    def interrupt_at_third_step(step, loss):
+        if step == 2:
+            comfy.model_management.interrupt_current_processing()
+
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        personalize(
+            model, vae, positive, person_a, pva, TrainingSettings(steps=10), on_step=interrupt_at_third_step
+        )
+    assert not comfy.model_management.processing_interrupted()
+    assert _checksum(model) == checksum
+    assert not any(type(m).__name__ == "ParallelCrossAttention" for m in model.model.modules())
+    assert not any(
+        loaded.model is not None and loaded.model.object_patches
+        for loaded in comfy.model_management.current_loaded_models
+    )
+
+
+def test_bad_inputs_are_explained(setup):
+    model, vae, positive, pva, person_a, _ = setup
+    with pytest.raises(PVAError, match="steps"):
+        personalize(model, vae, positive, person_a, pva, TrainingSettings(steps=0))
+    with pytest.raises(PVAError, match="train"):
+        personalize(model, vae, positive, person_a, pva, TrainingSettings(train="everything"))
+    with pytest.raises(PVAError, match=r"vae: it makes 16-channel latents but the MODEL \(SD15\) works on 4"):
+        personalize(model, tiny_vae(latent_channels=16), positive, person_a, pva, TrainingSettings(steps=1))
+    sd20 = PVAModel.initialize_from(tiny_model("sd20", in_channels=9), num_tokens=4, encoder_depth=1)
+    with pytest.raises(PVAError, match="made for SD2.x"):
+        personalize(model, vae, positive, person_a, sd20, TrainingSettings(steps=1))
