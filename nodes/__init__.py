@@ -3,5 +3,15 @@
 from .apply import PVAApply
 from .identity import PVAEncodeIdentity
 from .loaders import PVAFaceNetLoader, PVAInitializeFromModel, PVAModelLoader
+from .personalize import PVAQuickPersonalize
+from .save import PVASaveModel
 
-NODES = [PVAFaceNetLoader, PVAModelLoader, PVAInitializeFromModel, PVAEncodeIdentity, PVAApply]
+NODES = [
+    PVAFaceNetLoader,
+    PVAModelLoader,
+    PVAInitializeFromModel,
+    PVAEncodeIdentity,
+    PVAApply,
+    PVAQuickPersonalize,
+    PVASaveModel,
+]
