@@ -91,19 +91,17 @@ class PVAModel(nn.Module):
                 "so there is nothing for parallel visual attention to attach to."
             )
         context_dim = layers[0].context_dim
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            encoder = IdentityEncoder(context_dim, num_tokens, depth=encoder_depth, heads=encoder_heads)
-        finally:
-            torch.random.set_rng_state(generator_state)
         family = type(model_patcher.model.model_config).__name__
-        pva = cls(layers, encoder, family, provenance={"initialized_from": family, "seed": seed})
         modules = dict(diffusion_model.named_modules())
-        with torch.no_grad():
-            for spec in layers:
-                source, target = modules[spec.name], pva.projections_for(spec.name)
-                for proj in ("to_q", "to_k", "to_v"):
-                    weight = getattr(source, proj).weight
-                    getattr(target, proj).weight.copy_(weight.detach().to("cpu", torch.float32))
+        # Normal (not inference) tensors even inside ComfyUI's executor: they may be trained later.
+        with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder = IdentityEncoder(context_dim, num_tokens, depth=encoder_depth, heads=encoder_heads)
+            pva = cls(layers, encoder, family, provenance={"initialized_from": family, "seed": seed})
+            with torch.no_grad():
+                for spec in layers:
+                    source, target = modules[spec.name], pva.projections_for(spec.name)
+                    for proj in ("to_q", "to_k", "to_v"):
+                        weight = getattr(source, proj).weight.detach().to("cpu", torch.float32)
+                        getattr(target, proj).weight.copy_(weight)
         return pva

@@ -60,7 +60,11 @@ class IdentityStream:
         proj = self.pva.projections_for(layer_name)
         if torch.is_grad_enabled():
             return self._compute(proj, device, dtype)
-        version = (proj.to_q.weight._version, proj.to_k.weight._version, proj.to_v.weight._version)
+        # inference tensors have no version counter, and cannot change in place anyway
+        version = tuple(
+            -1 if w.is_inference() else w._version
+            for w in (proj.to_q.weight, proj.to_k.weight, proj.to_v.weight)
+        )
         key = (layer_name, device, dtype, id(self.tokens), version)
         hit = self._cache.get(layer_name)
         if hit is None or hit[0] != key:

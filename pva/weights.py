@@ -95,7 +95,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def load_pva(path: str | os.PathLike) -> PVAModel:
-    path = Path(path)
+    with torch.inference_mode(False):  # normal tensors: the loaded model may be trained further
+        return _load_pva(Path(path))
+
+
+def _load_pva(path: Path) -> PVAModel:
     metadata = read_metadata(path)
     try:
         tensors = safetensors.torch.load_file(str(path))

@@ -30,3 +30,21 @@ def start_server(tmp_path):
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def sd15_inpaint_ckpt():
+    """Path of the cached random-weight SD1.5-inpainting checkpoint (the real layout, fp16,
+    2.1 GB in $PVA_DEV_HOME/test-models), built on first use in about 30 s."""
+    from harness.checkpoints import sd15_inpaint_checkpoint
+
+    return sd15_inpaint_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def server_models(comfy_server, sd15_inpaint_ckpt):
+    """The random SD1.5-inpainting checkpoint and a random FaceNet, linked into the shared
+    server's models/checkpoints and models/facenet: {"checkpoint": name, "facenet": name}."""
+    from harness.checkpoints import link_into_models
+
+    return link_into_models(comfy_server.base)

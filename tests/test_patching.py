@@ -184,3 +184,15 @@ def test_bad_controls_are_named():
         apply_identity(model, pva, tokens, start_percent=0.8, end_percent=0.2)
     with pytest.raises(PVAError, match="mask"):
         apply_identity(model, pva, tokens, region=torch.zeros(1, 1, 8, 8))
+
+
+def test_pva_made_inside_comfyuis_inference_mode_executor_works():
+    """Nodes run under torch.inference_mode(): a PVA model made or loaded there must still
+    sample (and train later)."""
+    model = tiny_model("sd15")
+    with torch.inference_mode():
+        pva = PVAModel.initialize_from(model, num_tokens=4, encoder_depth=1)
+        patched = apply_identity(model, pva, _tokens(pva, 1))
+        out = run_unet(patched, unet_inputs(model))
+    assert torch.isfinite(out).all()
+    assert not any(p.is_inference() for p in pva.parameters())

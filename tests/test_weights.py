@@ -95,3 +95,10 @@ def test_file_for_another_family_is_explained_on_apply(pva, tmp_path):
         PVAError, match=r"made for SD1.x \(SD15, 768-d context\); the MODEL is SDXL \(SDXL, 2048-d"
     ):
         apply_identity(sdxl, loaded, loaded.encode(torch.randn(1, 512)))
+
+
+def test_loading_inside_inference_mode_gives_normal_tensors(pva, tmp_path):
+    path = save_pva(pva, tmp_path / "p.safetensors")
+    with torch.inference_mode():
+        loaded = load_pva(path)
+    assert not any(p.is_inference() for p in loaded.parameters())

@@ -1,0 +1,266 @@
+"""Full-size models of the real architectures with random weights, built once and cached on disk.
+
+No Stable Diffusion checkpoint or FaceNet VGGFace2 weights can be downloaded here, so the
+end-to-end tests use files with exactly the real layouts:
+
+- `sd15_inpaint_checkpoint()`: an SD1.5-inpainting checkpoint (UNet with 9 input channels, CLIP-L
+  text encoder, SD VAE) assembled from ComfyUI's own classes, fp16, with the key names of a real
+  SD1.5 `.safetensors` checkpoint (`model.diffusion_model.`, `cond_stage_model.transformer.
+  text_model.`, `first_stage_model.`). About 2.1 GB, built in well under a minute.
+- `facenet_random_weights()`: a randomly initialized facenet-pytorch InceptionResnetV1 state dict.
+
+The checkpoint is written tensor by tensor (a streaming safetensors writer), one component in
+memory at a time, to a temporary file that is renamed into place; a lock file keeps concurrent
+test sessions from building it twice. Bump CHECKPOINT_VERSION whenever the content changes: the
+version is part of the file name, so old caches are simply not used.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import json
+import os
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .host import import_comfy_on_cpu
+
+CHECKPOINT_VERSION = 1
+CHECKPOINT_FILE = f"sd15-inpainting-random-v{CHECKPOINT_VERSION}.safetensors"
+FACENET_VERSION = 1
+FACENET_FILE = f"facenet-inception-resnet-v1-random-v{FACENET_VERSION}.pt"
+
+# comfy.model_detection's SD15 UNet config, with the inpainting model's 9 input channels
+# (4 noisy latent + 1 mask + 4 masked-image latent).
+SD15_INPAINT_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "adm_in_channels": None, "in_channels": 9, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+    "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}  # fmt: skip
+
+# comfy.sd.VAE's default SD1.x/SD2.x VAE.
+SD_VAE_DDCONFIG = {
+    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+}  # fmt: skip
+
+# Keys a ComfyUI SDClipModel has but a real SD1.5 checkpoint does not carry.
+_CLIP_KEYS_NOT_IN_SD15 = ("transformer.text_projection.weight", "logit_scale")
+
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}
+
+
+def default_cache_dir() -> Path:
+    """Outside the repository: $PVA_DEV_HOME/test-models (~/.cache/comfyui-pva/test-models)."""
+    home = Path(os.environ.get("PVA_DEV_HOME", Path.home() / ".cache/comfyui-pva"))
+    return home / "test-models"
+
+
+# -- the components ---------------------------------------------------------------------------
+def _unet(device: str) -> torch.nn.Module:
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    return UNetModel(
+        **SD15_INPAINT_UNET, dtype=torch.float16, device=device, operations=comfy.ops.disable_weight_init
+    )
+
+
+def _clip(device: str) -> torch.nn.Module:
+    from comfy.sd1_clip import SDClipModel
+
+    return SDClipModel(device=device, dtype=torch.float16)
+
+
+def _vae(device: str) -> torch.nn.Module:
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    with torch.device(device):
+        return AutoencoderKL(ddconfig=dict(SD_VAE_DDCONFIG), embed_dim=4).to(torch.float16)
+
+
+def _clip_extra(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # Real SD1.5 checkpoints carry the HF CLIP position_ids buffer (ComfyUI ignores it).
+    return {"transformer.text_model.embeddings.position_ids": torch.arange(77, dtype=torch.int64)[None]}
+
+
+# (checkpoint key prefix, builder, keys to drop, extra tensors, seed)
+_COMPONENTS: list[tuple[str, Callable[[str], torch.nn.Module], tuple[str, ...], Callable | None, int]] = [
+    ("model.diffusion_model.", _unet, (), None, 1),
+    ("cond_stage_model.", _clip, _CLIP_KEYS_NOT_IN_SD15, _clip_extra, 2),
+    ("first_stage_model.", _vae, (), None, 3),
+]
+
+
+def fill_deterministic(module: torch.nn.Module, seed: int) -> None:
+    """Sensible random weights (ComfyUI's disable_weight_init ops leave them uninitialized):
+    norm scales ~1, biases ~0, other weights ~N(0, 1/fan_in), all from one seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            if name.endswith("bias"):
+                param.copy_(noise * 0.02)
+            elif param.dim() <= 1:  # norm scales (and scalars such as a logit scale)
+                param.copy_(1.0 + noise * 0.02)
+            else:
+                param.copy_(noise / param[0].numel() ** 0.5)
+
+
+def _component_state(prefix, build, drop, extra, device: str, seed: int | None) -> dict[str, torch.Tensor]:
+    module = build(device)
+    if seed is not None:
+        fill_deterministic(module, seed)
+    state = {k: v for k, v in module.state_dict().items() if k not in drop}
+    if extra is not None:
+        state.update(extra(module))
+    return {prefix + k: v for k, v in state.items()}
+
+
+# -- a streaming safetensors writer -----------------------------------------------------------
+def _safetensors_header(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict) -> bytes:
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, (dtype, shape) in layout.items():
+        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+def _write_tensor(f, tensor: torch.Tensor) -> None:
+    f.write(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+
+
+@contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build_checkpoint(path: Path) -> None:
+    # Pass 1, on the meta device (no memory): every key, dtype and shape, for the header.
+    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for prefix, build, drop, extra, _seed in _COMPONENTS:
+        for key, tensor in _component_state(prefix, build, drop, extra, "meta", None).items():
+            layout[key] = (tensor.dtype, tuple(tensor.shape))
+    metadata = {
+        "format": "pt",
+        "pva_test_checkpoint": f"SD1.5 inpainting layout, random weights, v{CHECKPOINT_VERSION}",
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_safetensors_header(layout, metadata))
+            # Pass 2: one component at a time, filled and streamed in header order.
+            for prefix, build, drop, extra, seed in _COMPONENTS:
+                state = _component_state(prefix, build, drop, extra, "cpu", seed)
+                for key in [k for k in layout if k.startswith(prefix)]:
+                    tensor = state.pop(key)
+                    if tensor.dtype != layout[key][0] or tuple(tensor.shape) != layout[key][1]:
+                        raise RuntimeError(
+                            f"{key}: built {tensor.dtype} {list(tensor.shape)}, header says {layout[key]}"
+                        )
+                    _write_tensor(f, tensor)
+                if state:
+                    raise RuntimeError(f"tensors missing from the header: {sorted(state)[:5]}")
+                del state
+                gc.collect()
+            f.flush()
+            os.fsync(f.fileno())
+        _check_readable(tmp, layout)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_readable(path: Path, layout: dict) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        if keys != set(layout):
+            raise RuntimeError(f"{path}: written keys differ from the layout")
+        last = list(layout)[-1]
+        if tuple(f.get_slice(last).get_shape()) != layout[last][1]:
+            raise RuntimeError(f"{path}: {last} has the wrong shape")
+
+
+def sd15_inpaint_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of the cached random-weight SD1.5-inpainting checkpoint, building it if needed."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / CHECKPOINT_FILE
+    if path.is_file():
+        return path
+    with _build_lock(path):
+        if not path.is_file():  # another process may have built it while we waited
+            import_comfy_on_cpu()
+            with torch.inference_mode(False), torch.no_grad():
+                _build_checkpoint(path)
+    return path
+
+
+def facenet_random_weights(path: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """Save a randomly initialized facenet-pytorch InceptionResnetV1 (512-d embeddings) state dict
+    as a .pt file of plain tensors, like the real VGGFace2 file (which also has `logits.*`)."""
+    from facenet_pytorch import InceptionResnetV1
+
+    path = Path(path) if path is not None else default_cache_dir() / FACENET_FILE
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = InceptionResnetV1(pretrained=None, classify=False)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# Names under which a test server's model folders see the cached files.
+SERVER_CHECKPOINT_NAME = "pva-test-sd15-inpainting.safetensors"
+SERVER_FACENET_NAME = "pva-test-facenet-random.pt"
+
+
+def _link(target: Path, link: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        if link.is_symlink() and link.resolve() == target.resolve():
+            return
+        link.unlink()
+    link.symlink_to(target)
+
+
+def link_into_models(base: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> dict[str, str]:
+    """Symlink the cached checkpoint and FaceNet into a ComfyUI --base-directory's
+    models/checkpoints and models/facenet; return the names its loaders list them under."""
+    base = Path(base)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    _link(sd15_inpaint_checkpoint(cache_dir), base / "models/checkpoints" / SERVER_CHECKPOINT_NAME)
+    _link(facenet_random_weights(cache_dir / FACENET_FILE), base / "models/facenet" / SERVER_FACENET_NAME)
+    return {"checkpoint": SERVER_CHECKPOINT_NAME, "facenet": SERVER_FACENET_NAME}

@@ -1,0 +1,267 @@
+"""End to end through a real ComfyUI server: identity-preserving face inpainting with PVA.
+
+The graph is a user's: CheckpointLoaderSimple (an SD1.5-inpainting checkpoint with the real
+layout and random weights) -> PVAInitializeFromModel -> PVAEncodeIdentity (FaceNet, three real
+reference photos) -> PVAApply -> CLIPTextEncode x2 -> InpaintModelConditioning -> KSampler ->
+VAEDecode -> ImageCompositeMasked -> SaveImage, at 256x256.
+
+With random weights the pictures mean nothing; what is checked is that the pack's nodes run in a
+real host on a full-size model, what they leave alone, and how they fail. Each sampling run costs
+about 2 x 2.5 s of UNet time (2 steps, CFG batch of 2), so the three sampled images are made once
+per module and shared.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from harness.references import (
+    face_mask,
+    faceless_photo,
+    load_image_batch,
+    load_mask,
+    save_png,
+    target_photo,
+    write_inpaint_inputs,
+    write_references,
+)
+from harness.server import ComfyError, ComfyServer
+from PIL import Image
+
+SIZE = 256
+SEED = 20240203
+# Outside the mask, by at least this many pixels, the result must equal the input photo exactly.
+MARGIN = 3
+
+
+@dataclass
+class Setup:
+    server: ComfyServer
+    models: dict[str, str]
+    references: list[str]
+    image: str
+    mask: str
+    faceless: str
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def setup(comfy_server, server_models) -> Setup:
+    input_dir = comfy_server.base / "input"
+    image, mask = write_inpaint_inputs(input_dir, SIZE)
+    return Setup(
+        server=comfy_server,
+        models=server_models,
+        references=write_references(input_dir),
+        image=image,
+        mask=mask,
+        faceless=save_png(faceless_photo(), input_dir, "pva-faceless.png"),
+    )
+
+
+def inpaint_prompt(
+    setup: Setup, prefix: str, strength: float | None, references: list[str] | None = None
+) -> dict:
+    """The API-format inpainting graph; strength None leaves PVA out (the base model)."""
+    mask_nodes, mask = load_mask(setup.mask)
+    prompt = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": setup.models["checkpoint"]}},
+        "positive": {
+            "class_type": "CLIPTextEncode",
+            "inputs": {"text": "photo of a woman, smiling", "clip": ["ckpt", 1]},
+        },
+        "negative": {
+            "class_type": "CLIPTextEncode",
+            "inputs": {"text": "blurry, lowres", "clip": ["ckpt", 1]},
+        },
+        "image": {"class_type": "LoadImage", "inputs": {"image": setup.image}},
+        **mask_nodes,
+        "inpaint": {
+            "class_type": "InpaintModelConditioning",
+            "inputs": {
+                "positive": ["positive", 0],
+                "negative": ["negative", 0],
+                "vae": ["ckpt", 2],
+                "pixels": ["image", 0],
+                "mask": mask,
+                "noise_mask": True,
+            },
+        },
+        "sampler": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["ckpt", 0],
+                "seed": SEED,
+                "steps": 2,
+                "cfg": 2.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "positive": ["inpaint", 0],
+                "negative": ["inpaint", 1],
+                "latent_image": ["inpaint", 2],
+                "denoise": 1.0,
+            },
+        },
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}},
+        # InpaintModelConditioning does not composite: paste the decoded pixels into the
+        # original through the mask, as a real inpainting workflow does.
+        "composite": {
+            "class_type": "ImageCompositeMasked",
+            "inputs": {
+                "destination": ["image", 0],
+                "source": ["decode", 0],
+                "x": 0,
+                "y": 0,
+                "resize_source": False,
+                "mask": mask,
+            },
+        },
+        "save": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["composite", 0], "filename_prefix": prefix},
+        },
+    }
+    if strength is not None:
+        ref_nodes, batch = load_image_batch(references or setup.references)
+        prompt.update(ref_nodes)
+        prompt["pva_init"] = {
+            "class_type": "PVAInitializeFromModel",
+            "inputs": {"model": ["ckpt", 0], "num_tokens": 10, "seed": 0},
+        }
+        prompt["facenet"] = {
+            "class_type": "PVAFaceNetLoader",
+            "inputs": {"facenet_name": setup.models["facenet"]},
+        }
+        prompt["identity"] = {
+            "class_type": "PVAEncodeIdentity",
+            "inputs": {
+                "pva_model": ["pva_init", 0],
+                "facenet": ["facenet", 0],
+                "reference_images": batch,
+                "detection_threshold": 0.9,
+                "face_index": -1,
+            },
+        }
+        prompt["apply"] = {
+            "class_type": "PVAApply",
+            "inputs": {
+                "model": ["ckpt", 0],
+                "pva_model": ["pva_init", 0],
+                "identity": ["identity", 0],
+                "strength": strength,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+                "apply_to": "positive",
+            },
+        }
+        prompt["sampler"]["inputs"]["model"] = ["apply", 0]
+    return prompt
+
+
+RUNS = {"base": None, "strength0": 0.0, "strength1": 1.0}
+
+
+def saved_image(setup: Setup, run: str) -> np.ndarray:
+    """The image SaveImage wrote for one of RUNS, [H, W, 3] uint8 (sampled once per module)."""
+    if run not in setup.images:
+        outputs = setup.server.run(inpaint_prompt(setup, f"pva-e2e/{run}", RUNS[run]))
+        images = outputs["save"]["images"]
+        assert len(images) == 1, images
+        entry = images[0]
+        assert entry["type"] == "output"
+        path = setup.server.base / "output" / entry["subfolder"] / entry["filename"]
+        assert path.is_file(), path
+        with Image.open(path) as saved:
+            assert saved.mode == "RGB"
+            setup.images[run] = np.asarray(saved).copy()
+    return setup.images[run]
+
+
+def _grown(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """Dilate a bool mask by `pixels` (square neighbourhood)."""
+    grown = mask.copy()
+    for dy in range(-pixels, pixels + 1):
+        for dx in range(-pixels, pixels + 1):
+            grown |= np.roll(np.roll(mask, dy, axis=0), dx, axis=1)
+    return grown
+
+
+def test_random_checkpoint_loads_as_sd15_inpainting(sd15_inpaint_ckpt, caplog):
+    checkpoint = sd15_inpaint_ckpt
+    import comfy.sd
+    import comfy.supported_models
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), framework="pt") as f:
+        keys = set(f.keys())
+        conv_in = f.get_tensor("model.diffusion_model.input_blocks.0.0.weight")
+    assert conv_in.shape == (320, 9, 3, 3) and str(conv_in.dtype) == "torch.float16"
+    for key in (
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+        "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc2.weight",
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+        "first_stage_model.decoder.conv_out.weight",
+        "first_stage_model.post_quant_conv.weight",
+        "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight",
+    ):
+        assert key in keys, key
+    prefixes = ("model.diffusion_model.", "cond_stage_model.transformer.text_model.", "first_stage_model.")
+    assert all(k.startswith(prefixes) for k in keys), [k for k in keys if not k.startswith(prefixes)][:5]
+
+    with caplog.at_level(logging.WARNING):
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint))
+    try:
+        complaints = [r.getMessage()[:200] for r in caplog.records if r.levelno >= logging.WARNING]
+        assert not complaints, complaints  # e.g. "unet missing", "clip missing", "Missing VAE keys"
+        assert type(model.model.model_config) is comfy.supported_models.SD15
+        assert model.model.diffusion_model.in_channels == 9
+        assert model.model.concat_keys == ("mask", "masked_image")  # set_inpaint() was called
+        assert clip is not None and vae is not None
+        assert vae.latent_channels == 4
+    finally:
+        del model, clip, vae
+        gc.collect()
+
+
+def test_inpainting_saves_the_image_and_keeps_everything_outside_the_mask(setup):
+    result = saved_image(setup, "strength1")
+    assert result.shape == (SIZE, SIZE, 3)
+    original = target_photo(SIZE)
+    mask = face_mask(SIZE)
+    outside = ~_grown(mask, MARGIN)
+    # ImageCompositeMasked pastes the decoded pixels through a 0/1 mask at the image's own size,
+    # so outside the mask the result is the loaded photo itself, and PNG -> float -> PNG is
+    # lossless for 8-bit values: exact equality (tolerance 0). The margin only guards against
+    # any resampling of the mask's edge.
+    diff = np.abs(result.astype(int) - original.astype(int))
+    assert diff[outside].max() == 0, f"{(diff[outside] > 0).sum()} pixels changed outside the mask"
+    # Inside, the face was repainted (random weights: by noise-like content, but not the photo).
+    assert diff[mask].mean() > 5, diff[mask].mean()
+
+
+def test_strength_zero_is_exactly_the_base_model_and_strength_one_is_not(setup):
+    base = saved_image(setup, "base")
+    zero = saved_image(setup, "strength0")
+    one = saved_image(setup, "strength1")
+    mask = face_mask(SIZE)
+    assert np.array_equal(zero, base), (
+        f"strength 0 differs from the base model in {(zero != base).any(-1).sum()} pixels"
+    )
+    changed = (one != base).any(-1)
+    assert changed[mask].mean() > 0.05, (
+        f"strength 1 changed only {changed[mask].mean():.1%} of the masked pixels"
+    )
+    assert not changed[~mask].any()
+
+
+def test_reference_without_a_face_fails_naming_it(setup):
+    prompt = inpaint_prompt(setup, "pva-e2e/faceless", 1.0, references=[setup.references[0], setup.faceless])
+    with pytest.raises(ComfyError) as failure:
+        setup.server.run(prompt)
+    message = str(failure.value)
+    assert failure.value.node_type == "PVAEncodeIdentity", message
+    assert "reference photo 2 of 2" in message and "no face found" in message, message
