@@ -88,6 +88,7 @@ class PVAInitializeFromModel(io.ComfyNode):
                     default=0,
                     min=0,
                     max=0xFFFFFFFF,
+                    control_after_generate=False,
                     tooltip="Seed for the identity encoder's initial weights.",
                 ),
             ],

@@ -38,7 +38,7 @@ class PVAQuickPersonalize(io.ComfyNode):
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Reference photos per step (gradients accumulated)."),
                 io.Int.Input("time_bins", default=4, min=1, max=64, tooltip="Each photo is used at one timestep from each of this many equal bins of the schedule."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=64, tooltip="Side of the square training crop around each face, in pixels."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Same seed and inputs give the same weights (on CPU bit-identical)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False, tooltip="Same seed and inputs give the same weights (on CPU bit-identical). Kept fixed so a finished training is reused from ComfyUI's cache."),
                 io.Combo.Input("train", options=list(TRAINABLE), default="both", tooltip="Which PVA parameters train."),
                 io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute activations in the backward pass: less memory, ~30% slower."),
                 io.Combo.Input("mixed_precision", options=["auto", "none"], default="auto", tooltip="auto: bf16 autocast on a GPU that supports it; none: the model's own dtype."),

@@ -1,0 +1,420 @@
+"""The shipped workflows (workflows/*.json and their API twins in workflows/api/) against a real
+ComfyUI server.
+
+- They are exactly what scripts/build_workflows.py generates (so the description, the UI files
+  and the API twins cannot drift), and the node-definition snapshot it builds from equals the
+  live server's definitions.
+- The UI files are sound for the live node definitions: every node type exists, every link joins
+  existing nodes and slots of the same type, widget values come in the node's widget order, and
+  an independent UI -> API conversion (written here, from the live /object_info) gives exactly
+  the API twin.
+- ComfyUI's template browser endpoint lists them (and nothing else from the pack).
+- Every API twin runs end to end on a full-size SD1.5-inpainting checkpoint with random weights
+  at 256x256 (2 sampling steps; Quick Personalize 2 steps x 2 time bins at 64 px), with model
+  names rewritten to the test models and the input photos written under the names the
+  workflows use. Checked: the saved image's size, that outside the mask it is the input photo
+  exactly, that the quick-personalize workflow writes models/pva/my_person.safetensors (2
+  personalized steps in its header) and that the saved-person workflow loads exactly that file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from harness.host import REPO_ROOT
+from harness.references import face_mask, reference_photos, save_png, target_photo
+from harness.server import PACK_DIR_NAME, ComfyServer
+from PIL import Image
+
+
+def _load_builder():
+    spec = importlib.util.spec_from_file_location(
+        "build_workflows", REPO_ROOT / "scripts" / "build_workflows.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+build = _load_builder()
+
+WORKFLOWS_DIR = REPO_ROOT / "workflows"
+API_DIR = WORKFLOWS_DIR / "api"
+NAMES = sorted(wf.name for wf in build.workflows())
+SIZE = 256
+# Outside the mask grown by this many pixels, the result must equal the input photo exactly. At
+# 256x256 the mask is binary and exactly image-sized, so ImageCompositeMasked takes the photo's
+# own pixels there; but it bilinearly resizes the mask to the decoded image's size, which for a
+# photo whose sides are not multiples of 8 (the VAE crops them) blends a 1-2 px seam at the edge.
+# The margin keeps the check about what the workflow promises, not about that seam.
+MARGIN = 3
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+SEED_NAMES = ("seed", "noise_seed")
+WALL_TIMES: dict[str, float] = {}
+
+
+def ui_file(name: str) -> dict:
+    return json.loads((WORKFLOWS_DIR / f"{name}.json").read_text())
+
+
+def api_file(name: str) -> dict:
+    return json.loads((API_DIR / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server) -> dict:
+    return comfy_server.object_info()
+
+
+# -- the generated files ----------------------------------------------------------------------
+def test_committed_files_are_exactly_what_the_build_script_generates():
+    files = build.render_all(build.load_snapshot())
+    assert sorted(files) == sorted(
+        [f"workflows/{n}.json" for n in NAMES] + [f"workflows/api/{n}.json" for n in NAMES]
+    )
+    for rel, text in files.items():
+        path = REPO_ROOT / rel
+        assert path.is_file(), f"{rel} is missing: run scripts/build_workflows.py"
+        assert path.read_text() == text, f"{rel} differs from its description: run scripts/build_workflows.py"
+    assert build.stale_files(files) == [], "workflows/ holds JSON files the build script does not make"
+    assert len(NAMES) >= 4 and set(NAMES) >= {
+        "pva_face_inpainting",
+        "pva_face_inpainting_with_prompt",
+        "pva_quick_personalize_and_inpaint",
+        "pva_inpaint_with_saved_person",
+    }
+
+
+def test_snapshot_equals_the_live_node_definitions(comfy_server, object_info):
+    snapshot = build.load_snapshot()
+    assert sorted(snapshot["node_types"]) == build.used_node_types()
+    live = build.snapshot_from_object_info(object_info, sorted(snapshot["node_types"]))
+    for node_type, spec in snapshot["node_types"].items():
+        assert live["node_types"][node_type] == spec, (
+            f"{node_type} changed: run scripts/build_workflows.py --refresh-snapshot"
+        )
+    assert snapshot["comfyui_version"] == comfy_server.get_json("/system_stats")["system"]["comfyui_version"]
+
+
+def _input_specs(info: dict):
+    """(name, type, options, optional) per input, in ComfyUI's input order."""
+    for section in ("required", "optional"):
+        for name in info["input_order"].get(section, []):
+            spec = info["input"][section][name]
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            yield name, ("COMBO" if isinstance(spec[0], list) else spec[0]), options, section == "optional"
+
+
+def _is_widget(type_: str, options: dict) -> bool:
+    return type_ in WIDGET_TYPES and not options.get("forceInput")
+
+
+def _has_control(name: str, type_: str, options: dict) -> bool:
+    # The frontend adds "control after generate" to INT widgets that ask for it, and to any INT
+    # widget named seed/noise_seed; its value is saved right after the INT's.
+    return type_ == "INT" and bool(options.get("control_after_generate", name in SEED_NAMES))
+
+
+def ui_to_api(ui: dict, object_info: dict) -> dict:
+    """The UI workflow as an API prompt, from the live node definitions (what the frontend's
+    graphToPrompt does for a graph without bypassed nodes or primitives)."""
+    links = {link[0]: link for link in ui["links"]}
+    prompt = {}
+    for node in ui["nodes"]:
+        if node["type"] == "Note":
+            continue
+        assert node["mode"] == 0, node
+        info = object_info[node["type"]]
+        slots = {slot["name"]: slot for slot in node["inputs"]}
+        values = list(node["widgets_values"])
+        inputs = {}
+        for name, type_, options, _optional in _input_specs(info):
+            slot = slots.get(name)
+            if _is_widget(type_, options):
+                value = values.pop(0)
+                if _has_control(name, type_, options):
+                    assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
+                inputs[name] = value
+            if slot is not None and slot["link"] is not None:
+                link = links[slot["link"]]
+                inputs[name] = [str(link[1]), link[2]]
+        if any(options.get("image_upload") for _, _, options, _ in _input_specs(info)):
+            assert values.pop(0) == "image", node  # the upload button's saved value
+        assert values == [], f"node {node['id']} {node['type']}: widget values left over: {values}"
+        title = node.get("title", info["display_name"])
+        prompt[str(node["id"])] = {"inputs": inputs, "class_type": node["type"], "_meta": {"title": title}}
+    return prompt
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_fits_the_live_node_definitions(name, object_info):
+    ui = ui_file(name)
+    assert ui["version"] == 0.4
+    nodes = {node["id"]: node for node in ui["nodes"]}
+    assert len(nodes) == len(ui["nodes"]) and ui["last_node_id"] == max(nodes)
+    assert ui["last_link_id"] == max(link[0] for link in ui["links"])
+    assert len({link[0] for link in ui["links"]}) == len(ui["links"])
+    for node in ui["nodes"]:
+        assert isinstance(node["pos"], list) and len(node["pos"]) == 2 and len(node["size"]) == 2
+        if node["type"] == "Note":
+            continue
+        assert node["type"] in object_info, f"{name}: {node['type']} is not a node type of this server"
+        assert node["properties"]["Node name for S&R"] == node["type"]
+        specs = list(_input_specs(object_info[node["type"]]))
+        # Sockets first, then one input per widget, as the frontend builds a node.
+        expected = [(n, t) for n, t, o, _ in specs if not _is_widget(t, o)] + [
+            (n, t) for n, t, o, _ in specs if _is_widget(t, o)
+        ]
+        assert [(i["name"], i["type"]) for i in node["inputs"]] == expected, node["type"]
+        for slot, (input_name, type_, options, optional) in zip(
+            node["inputs"], specs_in_ui_order(specs), strict=True
+        ):
+            if not _is_widget(type_, options) and not optional:
+                assert slot["link"] is not None, f"{name}: {node['type']}.{input_name} is not connected"
+        info = object_info[node["type"]]
+        assert [(o["name"], o["type"], o["slot_index"]) for o in node["outputs"]] == [
+            (n, t, i) for i, (n, t) in enumerate(zip(info["output_name"], info["output"], strict=True))
+        ]
+    for link_id, source, source_slot, target, target_slot, type_ in ui["links"]:
+        assert source in nodes and target in nodes, (name, link_id)
+        output = nodes[source]["outputs"][source_slot]
+        slot = nodes[target]["inputs"][target_slot]
+        assert link_id in output["links"] and slot["link"] == link_id, (name, link_id)
+        assert output["type"] == slot["type"] == type_, (name, link_id, output["type"], slot["type"], type_)
+        assert object_info[nodes[source]["type"]]["output"][source_slot] == type_
+        assert nodes[source]["order"] < nodes[target]["order"], (name, link_id)
+    linked = {slot["link"] for node in ui["nodes"] for slot in node["inputs"] if slot["link"] is not None}
+    assert linked == {link[0] for link in ui["links"]}
+    for node in ui["nodes"]:
+        for output in node["outputs"]:
+            for link_id in output["links"] or []:
+                assert link_id in linked
+    for group in ui["groups"]:
+        x, y, w, h = group["bounding"]
+        assert w > 0 and h > 0 and group["title"]
+    # A readable layout: no node (title bar included) covers another, no group overlaps another.
+    boxes = [(n["pos"][0], n["pos"][1] - 30, n["size"][0], n["size"][1] + 30) for n in ui["nodes"]]
+    assert not _overlapping(boxes), f"{name}: nodes overlap"
+    assert not _overlapping([g["bounding"] for g in ui["groups"]]), f"{name}: groups overlap"
+
+
+def _overlapping(boxes: list) -> list:
+    return [
+        (a, b)
+        for i, a in enumerate(boxes)
+        for b in boxes[i + 1 :]
+        if a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+    ]
+
+
+def specs_in_ui_order(specs: list) -> list:
+    return [s for s in specs if not _is_widget(s[1], s[2])] + [s for s in specs if _is_widget(s[1], s[2])]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_converts_to_exactly_its_api_twin(name, object_info):
+    assert ui_to_api(ui_file(name), object_info) == api_file(name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_note_says_which_model_files_to_load_and_where(name):
+    ui = ui_file(name)
+    notes = [node for node in ui["nodes"] if node["type"] == "Note"]
+    assert len(notes) == 1
+    text = notes[0]["widgets_values"][0]
+    assert "models/checkpoints" in text and "models/facenet" in text
+    for node in api_file(name).values():
+        for key in ("ckpt_name", "facenet_name", "pva_name", "image"):
+            if key in node["inputs"]:
+                assert node["inputs"][key] in text, f"{name}: the note does not mention {node['inputs'][key]}"
+    if any(node["class_type"] == "PVAModelLoader" for node in api_file(name).values()):
+        assert "models/pva" in text
+
+
+def test_template_browser_lists_exactly_the_shipped_workflows(comfy_server):
+    listing = comfy_server.get_json("/api/workflow_templates")
+    # Non-recursive: workflows/api/ (the twins and the snapshot) is not listed.
+    assert sorted(listing.get(PACK_DIR_NAME, [])) == NAMES, listing
+    for name in NAMES:
+        served = comfy_server.get_json(f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.json")
+        assert served == ui_file(name)
+
+
+# -- end to end ---------------------------------------------------------------------------------
+INIT_PVA = "pva-workflow-test-initialized"
+
+
+class E2E:
+    def __init__(self, server: ComfyServer, models: dict[str, str]):
+        self.server = server
+        self.models = models
+        self.outputs: dict[str, dict] = {}
+        self.images: dict[str, np.ndarray] = {}
+
+    def prompt(self, name: str) -> dict:
+        """The API twin with the user's model names and settings swapped for the test's."""
+        prompt = api_file(name)
+        for node in prompt.values():
+            kind, inputs = node["class_type"], node["inputs"]
+            if kind == "CheckpointLoaderSimple":
+                assert inputs["ckpt_name"] == build.CHECKPOINT
+                inputs["ckpt_name"] = self.models["checkpoint"]
+            elif kind == "PVAFaceNetLoader":
+                assert inputs["facenet_name"] == build.FACENET
+                inputs["facenet_name"] = self.models["facenet"]
+            elif kind == "PVAModelLoader" and inputs["pva_name"] == build.PVA_FOR_CHECKPOINT:
+                inputs["pva_name"] = f"{INIT_PVA}.safetensors"
+            elif kind == "KSampler":
+                inputs["steps"] = 2
+            elif kind == "PVAQuickPersonalize":
+                inputs.update(steps=2, time_bins=2, resolution=64)
+            elif kind == "SaveImage":
+                inputs["filename_prefix"] = f"pva-workflows/{name}"
+        return prompt
+
+    def run(self, name: str) -> dict:
+        if name not in self.outputs:
+            start, cpu = time.monotonic(), self.server_cpu_seconds()
+            self.outputs[name] = self.server.run(self.prompt(name), timeout=900)
+            WALL_TIMES[name] = time.monotonic() - start
+            # The machine may be shared: the server's own CPU time says what the run cost.
+            cpu = self.server_cpu_seconds() - cpu
+            print(f"\n[workflow e2e] {name}: {WALL_TIMES[name]:.1f} s wall, {cpu:.1f} s server CPU")
+        return self.outputs[name]
+
+    def server_cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (Linux; 0 elsewhere)."""
+        stat = Path(f"/proc/{self.server.process.pid}/stat")
+        if not stat.exists():
+            return 0.0
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def saved_image(self, name: str) -> np.ndarray:
+        """The inpainted picture the workflow's SaveImage wrote, [H, W, 3] uint8."""
+        if name not in self.images:
+            outputs = self.run(name)
+            save_ids = [i for i, n in api_file(name).items() if n["class_type"] == "SaveImage"]
+            assert len(save_ids) == 1
+            images = outputs[save_ids[0]]["images"]
+            assert len(images) == 1 and images[0]["type"] == "output", images
+            path = self.server.base / "output" / images[0]["subfolder"] / images[0]["filename"]
+            with Image.open(path) as saved:
+                assert saved.mode == "RGB"
+                self.images[name] = np.asarray(saved).copy()
+        return self.images[name]
+
+
+@pytest.fixture(scope="module")
+def e2e(comfy_server, server_models):
+    input_dir = comfy_server.base / "input"
+    for name, pixels in zip(build.REFERENCES, reference_photos(), strict=True):
+        save_png(pixels, input_dir, name)
+    save_png(target_photo(SIZE), input_dir, build.TARGET)
+    save_png(face_mask(SIZE).astype(np.uint8) * 255, input_dir, build.TARGET_MASK)
+    # Workflows (a) and (b) load "a PVA model for the checkpoint": give them an initialized one.
+    comfy_server.run(
+        {
+            "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": server_models["checkpoint"]}},
+            "init": {"class_type": "PVAInitializeFromModel", "inputs": {"model": ["ckpt", 0], "num_tokens": 10, "seed": 3}},
+            "save": {"class_type": "PVASaveModel", "inputs": {"pva_model": ["init", 0], "name": INIT_PVA, "overwrite": True}},
+        }
+    )  # fmt: skip
+    yield E2E(comfy_server, server_models)
+    print("\n[workflow e2e] wall times (2 sampling steps at 256x256, CPU):")
+    for name, seconds in WALL_TIMES.items():
+        print(f"  {name}: {seconds:.1f} s")
+
+
+def check_inpainted(image: np.ndarray) -> None:
+    assert image.shape == (SIZE, SIZE, 3)
+    original = target_photo(SIZE)
+    mask = face_mask(SIZE)
+    grown = mask.copy()
+    for dy in range(-MARGIN, MARGIN + 1):
+        for dx in range(-MARGIN, MARGIN + 1):
+            grown |= np.roll(np.roll(mask, dy, axis=0), dx, axis=1)
+    diff = np.abs(image.astype(int) - original.astype(int)).max(-1)
+    assert diff[~grown].max() == 0, f"{(diff[~grown] > 0).sum()} pixels changed outside the mask"
+    # Inside, the face was repainted (random weights: noise-like content, but not the photo).
+    assert diff[mask].mean() > 5, diff[mask].mean()
+
+
+def pva_file(server: ComfyServer, name: str) -> Path:
+    return server.base / "models" / "pva" / f"{name}.safetensors"
+
+
+@pytest.mark.slow
+def test_quick_personalize_workflow_saves_the_person_and_inpaints(e2e):
+    name = "pva_quick_personalize_and_inpaint"
+    api = api_file(name)
+    (save_id,) = [i for i, n in api.items() if n["class_type"] == "PVASaveModel"]
+    person = api[save_id]["inputs"]["name"]
+    assert person == build.PERSON
+    path = pva_file(e2e.server, person)
+    assert not path.exists(), f"{path} exists before the workflow ran"
+
+    outputs = e2e.run(name)
+    check_inpainted(e2e.saved_image(name))
+    assert path.is_file(), f"the workflow did not write {path}"
+    assert outputs[save_id]["text"] == [f"saved {person}.safetensors"]
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["format"] == "comfyui-pva" and metadata["family"] == "SD15", metadata
+    personalized = json.loads(metadata["provenance"])["personalized"]
+    assert personalized["steps"] == 2 and personalized["time_bins"] == 2, personalized
+    assert personalized["references"] == len(build.REFERENCES), personalized
+    # The loss plot went to the Preview Image node.
+    (preview_id,) = [i for i, n in api.items() if n["class_type"] == "PreviewImage"]
+    (plot,) = outputs[preview_id]["images"]
+    assert plot["type"] == "temp"
+    with Image.open(e2e.server.base / "temp" / plot["subfolder"] / plot["filename"]) as image:
+        assert min(image.size) >= 64
+
+
+@pytest.mark.slow
+def test_saved_person_workflow_loads_exactly_the_saved_file(e2e):
+    personalize, saved = "pva_quick_personalize_and_inpaint", "pva_inpaint_with_saved_person"
+    e2e.run(personalize)
+    (loader,) = [n for n in api_file(saved).values() if n["class_type"] == "PVAModelLoader"]
+    assert loader["inputs"]["pva_name"] == f"{build.PERSON}.safetensors"
+    # Listed by the loader without a restart.
+    options = e2e.server.get_json("/object_info/PVAModelLoader")["PVAModelLoader"]["input"]["required"][
+        "pva_name"
+    ]
+    assert loader["inputs"]["pva_name"] in options[1]["options"], options
+    check_inpainted(e2e.saved_image(saved))
+    # Same references, prompts, seed and sampling as the personalize workflow, identity from the
+    # file instead of the freshly trained model: bit-identical only if the file holds exactly the
+    # weights that were trained (and the loader read that file).
+    personalized = e2e.saved_image(personalize)
+    differing = (e2e.saved_image(saved) != personalized).any(-1)
+    assert not differing.any(), f"{differing.sum()} pixels differ from the personalize workflow's result"
+
+
+@pytest.mark.slow
+def test_face_inpainting_workflows_keep_the_photo_outside_the_mask(e2e):
+    plain, edited = "pva_face_inpainting", "pva_face_inpainting_with_prompt"
+    check_inpainted(e2e.saved_image(plain))
+    check_inpainted(e2e.saved_image(edited))
+    # The prompt and the strength/start settings reach the sampler: the faces differ.
+    mask = face_mask(SIZE)
+    assert (e2e.saved_image(plain) != e2e.saved_image(edited)).any(-1)[mask].mean() > 0.05
+
+
+@pytest.mark.slow
+def test_every_shipped_workflow_ran(e2e):
+    for name in NAMES:
+        e2e.saved_image(name)
+    assert sorted(WALL_TIMES) == NAMES
+    print("\n[workflow e2e] summary: " + ", ".join(f"{n} {WALL_TIMES[n]:.1f} s" for n in NAMES))
