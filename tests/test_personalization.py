@@ -150,3 +150,50 @@ def test_bad_inputs_are_explained(setup):
     sd20 = PVAModel.initialize_from(tiny_model("sd20", in_channels=9), num_tokens=4, encoder_depth=1)
     with pytest.raises(PVAError, match="made for SD2.x"):
         personalize(model, vae, positive, person_a, sd20, TrainingSettings(steps=1))
+
+
+def test_references_without_faces_or_none_at_all_are_explained():
+    from facenet_pytorch import InceptionResnetV1
+
+    from pva.errors import NoFaceFoundError
+    from pva.training_data import prepare_personalization_data
+
+    facenet = InceptionResnetV1().eval()
+    with pytest.raises(PVAError, match="reference_images: the batch is empty"):
+        prepare_personalization_data(torch.zeros(0, 64, 64, 3), facenet)
+    with pytest.raises(NoFaceFoundError, match="reference photo 1 of 2: no face found"):
+        prepare_personalization_data(torch.full((2, 96, 96, 3), 0.5), facenet)
+
+
+def test_model_without_cross_attention_is_explained():
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    config = sm.SD15(
+        dict(
+            image_size=32,
+            in_channels=4,
+            out_channels=4,
+            model_channels=32,
+            num_res_blocks=[1],
+            channel_mult=[1],
+            transformer_depth=[0],
+            transformer_depth_middle=0,
+            transformer_depth_output=[0, 0],
+            use_spatial_transformer=False,
+            context_dim=None,
+            num_heads=1,
+            legacy=False,
+            adm_in_channels=None,
+            use_temporal_attention=False,
+            use_temporal_resblock=False,
+        )  # fmt: skip
+    )
+    config.set_inference_dtype(torch.float32, None)
+    model = comfy.model_base.BaseModel(config, device=torch.device("cpu"))
+    patcher = comfy.model_patcher.ModelPatcher(
+        model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
+    )
+    with pytest.raises(PVAError, match="no cross-attention layers"):
+        PVAModel.initialize_from(patcher)
