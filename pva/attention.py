@@ -55,14 +55,17 @@ def parallel_attention(
     values = [_heads(v, batch, heads)] + [_heads(s.value, batch, heads) for s in streams]
     wide_keys = [F.pad(key, (i * dim_head, width - (i + 1) * dim_head)) for i, key in enumerate(keys)]
 
+    # Values are zero-padded to the same width and the output sliced back: SDPA's fast kernels
+    # (CPU flash, CUDA efficient/flash) require equal query, key and value head sizes.
+    wide_values = F.pad(torch.cat(values, dim=2), (0, width - dim_head))
     out = F.scaled_dot_product_attention(
         torch.cat(queries, dim=-1),
         torch.cat(wide_keys, dim=2),
-        torch.cat(values, dim=2),
+        wide_values,
         attn_mask=_joint_bias(streams, batch, length, k.shape[1], q.dtype, q.device),
         scale=dim_head**-0.5,
     )
-    return out.transpose(1, 2).reshape(batch, length, inner)
+    return out[..., :dim_head].transpose(1, 2).reshape(batch, length, inner)
 
 
 def _joint_bias(
