@@ -6,6 +6,11 @@ from harness.server import ComfyServer, make_base_directory
 
 # Library tests import the method as `import pva`; the host itself is imported on CPU.
 import_comfy_on_cpu()
+# ComfyUI's own top-level `nodes` module, imported now: pytest may later put the repository
+# root (which has a nodes/ folder of its own) ahead of the host on sys.path.
+import nodes  # noqa: E402
+
+assert hasattr(nodes, "InpaintModelConditioning"), f"`nodes` resolved to {nodes.__file__}, not ComfyUI's"
 
 
 @pytest.fixture(scope="session")
