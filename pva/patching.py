@@ -45,8 +45,12 @@ class IdentityStream:
         sigmas = transformer_options.get("sigmas")
         if sigmas is None:
             return True
-        sigma = float(sigmas.max())
-        return self.sigma_end <= sigma <= self.sigma_start
+        # Every layer of a step sees the same sigmas tensor: read it (a device sync) once.
+        seen = self._cache.get("sigmas")
+        if seen is None or seen[0] is not sigmas:
+            seen = (sigmas, self.sigma_end <= float(sigmas.max()) <= self.sigma_start)
+            self._cache["sigmas"] = seen
+        return seen[1]
 
     def visual_keys(self, layer_name: str, x: torch.Tensor, transformer_options: dict) -> VisualKeys:
         bias = self._bias(x, transformer_options)
@@ -86,15 +90,26 @@ class IdentityStream:
         softmax renormalizes (log-bias log s); -inf switches the stream off (strength 0
         anywhere is exactly the base model there)."""
         batch, length = x.shape[0], x.shape[1]
+        cond_or_uncond = transformer_options.get("cond_or_uncond") if self.scope == "positive" else None
+        grid = _token_grid(length, transformer_options) if self.region is not None else None
+        # The same for every layer with this token grid and every step with this batch layout.
+        key = ("bias", batch, grid, tuple(cond_or_uncond or ()), x.device)
+        if key not in self._cache:
+            self._cache[key] = self._compute_bias(batch, grid, transformer_options, x.device)
+        return self._cache[key]
+
+    def _compute_bias(
+        self, batch: int, grid: tuple[int, int] | None, transformer_options: dict, device: torch.device
+    ) -> torch.Tensor | None:
         terms = []
         if self.strength != 1.0:
-            terms.append(torch.full((1, 1, 1, 1), math.log(self.strength), device=x.device))
+            terms.append(torch.full((1, 1, 1, 1), math.log(self.strength), device=device))
         if self.scope == "positive":
-            per_sample = _cond_samples(transformer_options, batch, x.device)
+            per_sample = _cond_samples(transformer_options, batch, device)
             if per_sample is not None:
                 terms.append(torch.where(per_sample, 0.0, -math.inf).view(batch, 1, 1, 1))
-        if self.region is not None:
-            terms.append(self._region_bias(batch, length, transformer_options, x.device).log())
+        if grid is not None:
+            terms.append(self._region_at(batch, grid, device).log())
         if not terms:
             return None
         bias = terms[0]
@@ -102,18 +117,12 @@ class IdentityStream:
             bias = bias + term
         return bias
 
-    def _region_bias(
-        self, batch: int, length: int, transformer_options: dict, device: torch.device
-    ) -> torch.Tensor:
-        """The region mask at this layer's token grid, [1 or B, 1, L, 1]."""
-        height, width = _token_grid(length, transformer_options)
-        key = ("region", height, width, device)
-        hit = self._cache.get(key)
-        if hit is None:
-            region = self.region.to(device=device, dtype=torch.float32).unsqueeze(1)
-            hit = F.interpolate(region, size=(height, width), mode="area").clamp(0, 1)
-            hit = hit.view(region.shape[0], 1, height * width, 1)
-            self._cache[key] = hit
+    def _region_at(self, batch: int, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """The region mask resized to a layer's token grid, [1 or B, 1, h*w, 1]."""
+        height, width = grid
+        region = self.region.to(device=device, dtype=torch.float32).unsqueeze(1)
+        hit = F.interpolate(region, size=(height, width), mode="area").clamp(0, 1)
+        hit = hit.view(region.shape[0], 1, height * width, 1)
         masks = hit.shape[0]
         if masks == 1 or masks == batch:
             return hit

@@ -104,13 +104,11 @@ class Personalizer:
         data: PersonalizationData,
         targets: list,
         settings: TrainingSettings,
-    ):  # noqa: ANN001
+    ):
         settings.validate()
         check_compatible(pva, model_patcher)
-        if model_patcher.model.model_config.unet_config.get("in_channels", 4) > 4:
-            self.masked_loss = False  # an inpainting model: the paper's whole-latent loss
-        else:
-            self.masked_loss = True  # a regular model learns the face region only
+        # An inpainting model gets the paper's whole-latent loss; a regular model learns the face region only.
+        self.masked_loss = model_patcher.model.model_config.unet_config.get("in_channels", 4) <= 4
         self.settings = settings
         self.data = data
         self.pva = pva
@@ -320,15 +318,6 @@ def _unload(patcher: "ModelPatcher") -> None:
     patcher.unpatch_model()  # patched but never registered (loading failed half-way)
 
 
-def _normal_parameters_(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace parameters created under inference mode (e.g. by a loader node) by normal ones."""
-    for sub in module.modules():
-        for name, param in list(sub._parameters.items()):
-            if param is not None and param.is_inference():
-                sub._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=param.requires_grad)
-    return module
-
-
 @contextmanager
 def training_mode() -> Iterator[None]:
     """Gradients on, even inside ComfyUI's inference-mode executor."""
@@ -348,7 +337,7 @@ def personalize(
     """Train a copy of `pva` on `data`; the input PVA model and the MODEL are left unchanged."""
     check_latent_format(model_patcher, vae)
     with training_mode(), torch.random.fork_rng(devices=[]):
-        trained = _normal_parameters_(copy.deepcopy(pva))
+        trained = copy.deepcopy(pva)  # PVA models are built and loaded as normal tensors
         trained.instance_id = uuid.uuid4().hex
         torch.manual_seed(settings.seed)  # dropout in the identity encoder
         targets = encode_inpaint_targets(data, vae, positive)
