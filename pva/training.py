@@ -221,9 +221,10 @@ class Personalizer:
         return processed["positive"]
 
     # -- the loss ---------------------------------------------------------------------------
-    def loss(self, target: int, generator: torch.Generator) -> torch.Tensor:
+    def loss(self, target: int, generator: torch.Generator, face_only: bool | None = None) -> torch.Tensor:
         """Denoising loss of one target at K stratified timesteps (one from each of K equal
-        bins of [0, 1000)), as noise-prediction MSE."""
+        bins of [0, 1000)), as noise-prediction MSE; over the face region only when
+        `face_only` (default: only for a regular, non-inpainting model)."""
         bins = self.settings.time_bins
         sampling = self.patched.model.model_sampling
         offsets = torch.rand(bins, generator=generator)
@@ -241,7 +242,8 @@ class Personalizer:
         # for noise-scaled models x_t = x0 + sigma * noise, so the predicted noise is
         # (x_t - denoised) / sigma and its error is (x0 - denoised) / sigma
         error = (denoised.float() - x0.float()) / sigmas.float().view(-1, 1, 1, 1)
-        if self.masked_loss:
+        face_only = self.masked_loss if face_only is None else face_only
+        if face_only:
             weight = torch.nn.functional.interpolate(
                 self.data.masks[target][None, None].to(self.device), x0.shape[-2:]
             )
@@ -285,12 +287,14 @@ class Personalizer:
         return losses
 
     @torch.no_grad()
-    def held_out_loss(self, target: int, seed: int = 1234, repeats: int = 2) -> float:
+    def held_out_loss(
+        self, target: int, seed: int = 1234, repeats: int = 2, face_only: bool | None = None
+    ) -> float:
         """Loss on fixed noise and timesteps (no dropout), to measure what training did."""
         self.pva.eval()
         try:
             generator = torch.Generator().manual_seed(seed)
-            return sum(self.loss(target, generator).item() for _ in range(repeats)) / repeats
+            return sum(self.loss(target, generator, face_only).item() for _ in range(repeats)) / repeats
         finally:
             self.pva.train()
 
