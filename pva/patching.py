@@ -194,11 +194,33 @@ class ParallelCrossAttention(nn.Module):
         streams = (
             [s for s in self.pva_streams if s.is_active(transformer_options)] if context is not None else []
         )
-        visual = [s.visual_keys(self.layer_name, x, transformer_options) for s in streams]
-        if not visual or mask is not None:
+        if not streams or mask is not None:
             return self.original(
                 x, context=context, value=value, mask=mask, transformer_options=transformer_options
             )
+        # Under CFG with positive-only identities the uncond samples take the original
+        # (cheaper) attention instead of the wide one with every identity masked out.
+        outputs = []
+        for rows, options, with_identity in _branch_groups(streams, transformer_options, x, context):
+            x_part, context_part = x[rows], context[rows]
+            value_part = value[rows] if value is not None else None
+            if with_identity:
+                outputs.append(self._parallel(x_part, context_part, value_part, streams, options))
+            else:
+                outputs.append(
+                    self.original(x_part, context=context_part, value=value_part, transformer_options=options)
+                )
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _parallel(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        value: torch.Tensor | None,
+        streams: list[IdentityStream],
+        transformer_options: dict,
+    ) -> torch.Tensor:
+        visual = [s.visual_keys(self.layer_name, x, transformer_options) for s in streams]
         q = self.to_q(x)
         k = self.to_k(context)
         v = self.to_v(value if value is not None else context)
@@ -208,6 +230,31 @@ class ParallelCrossAttention(nn.Module):
             visual = [VisualKeys(s.query.float(), s.key.float(), s.value.float(), s.bias) for s in visual]
         out = parallel_attention(q, k, v, visual, self.heads)
         return self.to_out(out.to(x.dtype))
+
+
+def _branch_groups(
+    streams: list[IdentityStream], transformer_options: dict, x: torch.Tensor, context: torch.Tensor
+) -> list[tuple[slice, dict, bool]]:
+    """Split a CFG batch into runs of consecutive branch chunks that do / do not see any
+    identity: [(rows, transformer_options for those rows, with_identity)]."""
+    cond_or_uncond = transformer_options.get("cond_or_uncond")
+    batch = x.shape[0]
+    whole = [(slice(None), transformer_options, True)]
+    if not cond_or_uncond or context.shape[0] != batch or batch % len(cond_or_uncond):
+        return whole
+    if any(s.scope == "both" or s.tokens.shape[0] != 1 for s in streams):
+        return whole
+    chunk = batch // len(cond_or_uncond)
+    groups: list[tuple[slice, dict, bool]] = []
+    start = 0
+    for i in range(1, len(cond_or_uncond) + 1):
+        if i < len(cond_or_uncond) and (cond_or_uncond[i] == 0) == (cond_or_uncond[start] == 0):
+            continue
+        rows = slice(start * chunk, i * chunk)
+        options = dict(transformer_options, cond_or_uncond=cond_or_uncond[start:i])
+        groups.append((rows, options, cond_or_uncond[start] == 0))
+        start = i
+    return groups
 
 
 def check_compatible(pva: nn.Module, model_patcher: "ModelPatcher") -> None:

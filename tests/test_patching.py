@@ -91,6 +91,35 @@ def test_positive_scope_leaves_negative_half_of_cfg_batch_alone():
     assert (positive[0] - base[0]).abs().max() <= 1e-5
     assert (positive[1] - base[1]).abs().max() > 1e-4
     assert (both[0] - base[0]).abs().max() > 1e-4
+    # the cond half is what a cond-only batch gives: splitting the CFG batch changes nothing
+    cond_only = run_unet(
+        apply_identity(model, pva, _tokens(pva, 1)),
+        {k: v[1:] for k, v in inputs.items()},
+        {"cond_or_uncond": [0]},
+    )
+    assert (positive[1] - cond_only[0]).abs().max() <= 1e-5
+
+
+def test_uncond_half_skips_the_wide_attention(monkeypatch):
+    """Positive-only identities: the uncond samples of a CFG batch take the original attention,
+    so the fused (wider, costlier) call sees only the cond samples."""
+    import pva.patching
+
+    batches = []
+    fused = pva.patching.parallel_attention
+    monkeypatch.setattr(
+        pva.patching, "parallel_attention", lambda q, *rest: batches.append(q.shape[0]) or fused(q, *rest)
+    )
+    model = tiny_model("sd15")
+    weights = PVAModel.initialize_from(model, num_tokens=4, encoder_depth=1)
+    inputs = unet_inputs(model, batch=4)
+    run_unet(apply_identity(model, weights, _tokens(weights, 1)), inputs, {"cond_or_uncond": [1, 0]})
+    assert batches and set(batches) == {2}
+    batches.clear()
+    run_unet(
+        apply_identity(model, weights, _tokens(weights, 1), scope="both"), inputs, {"cond_or_uncond": [1, 0]}
+    )
+    assert batches and set(batches) == {4}
 
 
 def _capture_attention_inputs(patched, layer_name):
