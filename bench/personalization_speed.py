@@ -110,7 +110,12 @@ def child(args) -> None:
     import torch
 
     device = comfy.model_management.get_torch_device()
-    patcher = build_unet(device, getattr(torch, DTYPES[args.dtype]))
+    # pva gets the UNet the way ComfyUI's loaders make it inside the executor: as inference
+    # tensors (which personalization must read without copying); bare trains some of its
+    # weights, so it needs normal ones.
+    loading = torch.inference_mode() if args.variant == "pva" else torch.no_grad()
+    with loading:
+        patcher = build_unet(device, getattr(torch, DTYPES[args.dtype]))
     times = (run_bare if args.variant == "bare" else run_pva)(torch, patcher, args, device)
     print(
         json.dumps(

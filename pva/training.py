@@ -148,9 +148,10 @@ class Personalizer:
         comfy.model_management.soft_empty_cache()
 
     def _freeze_base(self, module: torch.nn.Module) -> None:
-        """No gradients for the base weights; weights created under ComfyUI's inference mode
-        are swapped for equal normal tensors (autograd cannot save inference tensors) and
-        the originals put back afterwards."""
+        """No gradients for the base weights. Weights created under ComfyUI's inference mode
+        are swapped for normal tensors sharing their memory (autograd cannot save inference
+        tensors; an alias costs nothing, a copy would double the UNet's memory), and the
+        originals put back afterwards."""
         swapped = []
         for sub in module.modules():
             for name, tensor in list(sub._parameters.items()) + list(sub._buffers.items()):
@@ -158,12 +159,10 @@ class Personalizer:
                     continue
                 if tensor.is_inference():
                     is_param = name in sub._parameters
-                    copy_ = (
-                        torch.nn.Parameter(tensor.clone(), requires_grad=False)
-                        if is_param
-                        else tensor.clone()
+                    alias = _normal_alias(tensor)
+                    (sub._parameters if is_param else sub._buffers)[name] = (
+                        torch.nn.Parameter(alias, requires_grad=False) if is_param else alias
                     )
-                    (sub._parameters if is_param else sub._buffers)[name] = copy_
                     swapped.append((sub, name, tensor, is_param))
                 elif name in sub._parameters and tensor.requires_grad:
                     tensor.requires_grad_(False)
@@ -297,6 +296,15 @@ class Personalizer:
             return sum(self.loss(target, generator, face_only).item() for _ in range(repeats)) / repeats
         finally:
             self.pva.train()
+
+
+def _normal_alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A normal tensor over an inference tensor's memory (the base weights are only read).
+    Tensor subclasses that keep their data elsewhere (quantized formats) are copied instead."""
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        return tensor.clone()
+    alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
 
 
 def _plain(value):  # noqa: ANN001, ANN202

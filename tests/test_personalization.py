@@ -116,6 +116,35 @@ def test_same_seed_gives_bit_identical_weights(setup):
     assert any(not torch.equal(one[k], other.pva.state_dict()[k]) for k in one)
 
 
+def test_model_loaded_in_inference_mode_trains_without_copying_its_weights(setup):
+    """ComfyUI's loaders run under inference mode, so the base weights are inference tensors,
+    which autograd cannot save. Training reads them through aliases (no second copy of the
+    UNet in memory) and leaves the originals in place, unchanged."""
+    _, vae, positive, _, person_a, _ = setup
+    with torch.inference_mode():
+        model = tiny_model("sd15", in_channels=9, seed=3)
+    weights = dict(model.model.diffusion_model.named_parameters())
+    assert all(w.is_inference() for w in weights.values())
+    pointers = {name: w.data_ptr() for name, w in weights.items()}
+    checksum = _checksum(model)
+    seen = {}
+
+    def record(step, loss):
+        for name, w in model.model.diffusion_model.named_parameters():
+            seen[name] = (w.is_inference(), w.data_ptr(), w.requires_grad)
+
+    pva = PVAModel.initialize_from(model, num_tokens=4, seed=0, encoder_depth=1)
+    personalize(
+        model, vae, positive, person_a, pva, TrainingSettings(steps=2, learning_rate=1e-3), on_step=record
+    )
+    assert seen.keys() == pointers.keys()
+    assert all(
+        not inference and ptr == pointers[name] and not grad for name, (inference, ptr, grad) in seen.items()
+    )
+    assert all(w is weights[name] for name, w in model.model.diffusion_model.named_parameters())
+    assert _checksum(model) == checksum
+
+
 def test_only_the_chosen_parameters_train(setup):
     model, vae, positive, pva, person_a, _ = setup
     settings = TrainingSettings(steps=2, learning_rate=1e-3, train="projections")

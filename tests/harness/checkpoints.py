@@ -147,7 +147,8 @@ def _write_tensor(f, tensor: torch.Tensor) -> None:
 
 
 @contextmanager
-def _build_lock(path: Path) -> Iterator[None]:
+def build_lock(path: Path) -> Iterator[None]:
+    """Held while a cached file is built, so concurrent test sessions build it once."""
     lock_path = path.with_name(path.name + ".lock")
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -212,7 +213,7 @@ def sd15_inpaint_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     path = cache_dir / CHECKPOINT_FILE
     if path.is_file():
         return path
-    with _build_lock(path):
+    with build_lock(path):
         if not path.is_file():  # another process may have built it while we waited
             import_comfy_on_cpu()
             with torch.inference_mode(False), torch.no_grad():

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from pva.training import encode_inpaint_targets
 
-from .checkpoints import _build_lock, default_cache_dir
+from .checkpoints import build_lock, default_cache_dir
 from .models import tiny_model
 from .people import synthetic_person
 
@@ -41,7 +41,7 @@ def pretrained_inpainting_model(vae, positive: list):  # noqa: ANN201
     path = default_cache_dir() / f"tiny-sd15-inpaint-people-{_cache_key(unet, vae)}.safetensors"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _build_lock(path):
+        with build_lock(path):
             if not path.is_file():
                 _pretrain(model, vae, positive)
                 _save_atomically(unet.state_dict(), path)
