@@ -145,6 +145,52 @@ def test_model_loaded_in_inference_mode_trains_without_copying_its_weights(setup
     assert _checksum(model) == checksum
 
 
+def test_partially_loaded_model_trains_the_same(setup, monkeypatch):
+    """On a GPU short of memory ComfyUI loads the UNet partially and streams the rest of the
+    weights layer by layer (comfy.ops casting). On CPU it never chooses to, so the test makes
+    ComfyUI's own loader do it with a tiny budget: the training must give the same weights."""
+    _, vae, positive, _, person_a, _ = setup
+    with torch.inference_mode():
+        model = tiny_model("sd15", in_channels=9, seed=4)
+    pva = PVAModel.initialize_from(model, num_tokens=4, seed=0, encoder_depth=1)
+    settings = TrainingSettings(steps=2, learning_rate=1e-3)
+    full = personalize(model, vae, positive, person_a, pva, settings).pva
+    requested, streamed = [], []
+
+    def load_partially(models, memory_required=0, **kwargs):
+        requested.append(memory_required)
+        for patcher in models:
+            loaded = comfy.model_management.LoadedModel(patcher)
+            loaded.model_load(lowvram_model_memory=64 * 2**10)
+            comfy.model_management.current_loaded_models.insert(0, loaded)
+
+    def count_streamed(step, loss):
+        streamed.append(sum(getattr(m, "comfy_cast_weights", False) for m in model.model.modules()))
+
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu", load_partially)
+    partial = personalize(model, vae, positive, person_a, pva, settings, on_step=count_streamed).pva
+    assert min(streamed) > 10, streamed
+    assert requested[-1] > 0, "the training's activation memory was not requested from ComfyUI"
+    assert not any(getattr(m, "comfy_cast_weights", False) for m in model.model.modules())
+    for a, b in zip(full.parameters(), partial.parameters(), strict=True):
+        assert (a - b).abs().max() <= 1e-6
+
+
+def test_activation_memory_estimate_scales_with_the_step(setup):
+    model, vae, positive, pva, person_a, _ = setup
+    with training_mode():
+        targets = encode_inpaint_targets(person_a, vae, positive)
+
+        def estimate(**settings):
+            return Personalizer(
+                model, pva, person_a, targets, TrainingSettings(**settings)
+            ).activation_memory()
+
+        plain = estimate(time_bins=4)
+        assert estimate(time_bins=8) == 2 * plain
+        assert estimate(time_bins=4, gradient_checkpointing=True) < plain / 3
+
+
 def test_only_the_chosen_parameters_train(setup):
     model, vae, positive, pva, person_a, _ = setup
     settings = TrainingSettings(steps=2, learning_rate=1e-3, train="projections")
