@@ -6,7 +6,7 @@ For every distinct cross-attention shape of the SD1.5 UNet at each image size (i
 
   layer plain      ComfyUI's CrossAttention.forward (to_q/k/v, optimized_attention, to_out)
   layer both       ParallelCrossAttention.forward, one identity stream, scope "both"
-  layer positive   the same, scope "positive" with cond_or_uncond=[1, 0] (an additive mask)
+  layer positive   the same, scope "positive" with cond_or_uncond=[1, 0] (uncond half: original attention)
   comfy attn       the attention core alone: comfy's optimized_attention (sub_quad on CPU)
   sdpa attn        the attention core through comfy's attention_pytorch (one SDPA call)
   fused both       pva.attention.parallel_attention, no bias
