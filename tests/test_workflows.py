@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from harness.host import REPO_ROOT
 from harness.references import face_mask, reference_photos, save_png, target_photo
-from harness.server import PACK_DIR_NAME, ComfyServer
+from harness.server import PACK_DIR_NAME, ComfyError, ComfyServer, wait_for_message
 from PIL import Image
 
 
@@ -410,6 +410,75 @@ def test_face_inpainting_workflows_keep_the_photo_outside_the_mask(e2e):
     # The prompt and the strength/start settings reach the sampler: the faces differ.
     mask = face_mask(SIZE)
     assert (e2e.saved_image(plain) != e2e.saved_image(edited)).any(-1)[mask].mean() > 0.05
+
+
+def _needed_for(prompt: dict, node_id: str) -> dict:
+    """The part of an API prompt that `node_id` depends on (itself included)."""
+    needed, todo = set(), [node_id]
+    while todo:
+        current = todo.pop()
+        if current not in needed:
+            needed.add(current)
+            todo += [v[0] for v in prompt[current]["inputs"].values() if isinstance(v, list)]
+    return {k: v for k, v in prompt.items() if k in needed}
+
+
+def _node_id(prompt: dict, class_type: str) -> str:
+    (node_id,) = [i for i, n in prompt.items() if n["class_type"] == class_type]
+    return node_id
+
+
+def _inpaint_with_base_model(e2e: E2E, variant: str) -> np.ndarray:
+    """The face-inpainting workflow on the checkpoint's own MODEL: "without_pva" (the Apply node
+    bypassed) or "strength_0" (which is exactly the base model), at a seed no other test uses."""
+    prompt = e2e.prompt("pva_face_inpainting")
+    sampler, apply = _node_id(prompt, "KSampler"), _node_id(prompt, "PVAApply")
+    prompt[sampler]["inputs"]["seed"] = 2024
+    if variant == "without_pva":
+        prompt[sampler]["inputs"]["model"] = prompt[apply]["inputs"]["model"]
+    else:
+        prompt[apply]["inputs"]["strength"] = 0.0
+    save_image = _node_id(prompt, "SaveImage")
+    prompt[save_image]["inputs"]["filename_prefix"] = f"pva-cancel/{variant}"
+    (image,) = e2e.server.run(prompt)[save_image]["images"]
+    with Image.open(e2e.server.base / "output" / image["subfolder"] / image["filename"]) as saved:
+        return np.asarray(saved.convert("RGB")).copy()
+
+
+@pytest.mark.slow
+def test_cancel_during_personalization_saves_nothing_and_leaves_the_model_alone(e2e):
+    """The user presses Cancel while Quick Personalize trains: the prompt ends as interrupted,
+    models/pva gains no file (not even a temporary one), and the checkpoint's MODEL, reused from
+    ComfyUI's cache, still paints exactly what it painted before the training (changed base
+    weights or a training patch left active would show)."""
+    server = e2e.server
+    before_training = _inpaint_with_base_model(e2e, "without_pva")
+    full = e2e.prompt("pva_quick_personalize_and_inpaint")
+    trainer, save = _node_id(full, "PVAQuickPersonalize"), _node_id(full, "PVASaveModel")
+    prompt = _needed_for(full, save)
+    prompt[trainer]["inputs"].update(steps=10_000, seed=11)
+    prompt[save]["inputs"]["name"] = "cancelled_person"
+    pva_dir = server.base / "models" / "pva"
+    files = sorted(p.name for p in pva_dir.iterdir())
+    connection = server.listen()
+    try:
+        prompt_id = server.queue(prompt)
+        wait_for_message(
+            connection,
+            lambda m: (
+                m["type"] == "progress" and m["data"].get("node") == trainer and m["data"]["value"] >= 2
+            ),
+            timeout=600,
+        )
+        server.interrupt()
+    finally:
+        connection.close()
+    with pytest.raises(ComfyError, match="interrupted"):
+        server.wait(prompt_id, timeout=300)
+    assert sorted(p.name for p in pva_dir.iterdir()) == files
+    # Strength 0 is the base model exactly (test_e2e_inference), and a different graph, so
+    # ComfyUI samples it anew instead of answering from its cache.
+    assert np.array_equal(_inpaint_with_base_model(e2e, "strength_0"), before_training)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from .host import REPO_ROOT, comfyui_path
@@ -103,7 +104,8 @@ class ComfyServer:
         )
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                return json.loads(response.read())
+                body = response.read()
+                return json.loads(body) if body else None  # /interrupt answers with no body
         except urllib.error.HTTPError as error:
             body = error.read().decode(errors="replace")
             try:
@@ -159,6 +161,26 @@ class ComfyServer:
 
     def interrupt(self) -> None:
         self.post_json("/interrupt", {})
+
+    # -- websocket (what the web UI listens to) ------------------------------------------------
+    def listen(self, timeout: float = 30):  # noqa: ANN201
+        """A websocket connection receiving this client's messages (progress, executing, ...)."""
+        import websocket
+
+        return websocket.create_connection(
+            f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=timeout
+        )
+
+
+def wait_for_message(connection, wanted: Callable[[dict], bool], timeout: float) -> dict:  # noqa: ANN001
+    """The first JSON message on `connection` for which `wanted` is true (binary previews skipped)."""
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        connection.settimeout(remaining)
+        raw = connection.recv()
+        if isinstance(raw, str) and wanted(message := json.loads(raw)):
+            return message
+    raise TimeoutError(f"no such message within {timeout}s")
 
 
 def _validation_message(body: dict) -> str:
