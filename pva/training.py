@@ -238,14 +238,19 @@ class Personalizer:
 
     # -- the loss ---------------------------------------------------------------------------
     def loss(self, target: int, generator: torch.Generator, face_only: bool | None = None) -> torch.Tensor:
-        """Denoising loss of one target at K stratified timesteps (one from each of K equal
-        bins of [0, 1000)), as noise-prediction MSE; over the face region only when
-        `face_only` (default: only for a regular, non-inpainting model)."""
+        """Denoising loss of one target at K stratified noise levels (one from each of K equal
+        bins of the model's 1000 training timesteps), as noise-prediction MSE; over the face
+        region only when `face_only` (default: only for a regular, non-inpainting model)."""
         bins = self.settings.time_bins
-        sampling = self.patched.model.model_sampling
+        sampling = self.patched.get_model_object("model_sampling")
+        # The schedule's noise levels in timestep order: discrete (SD) schedules and the
+        # continuous EDM / v ones (e.g. Playground v2.5, CosXL) alike.
+        table = sampling.sigmas
         offsets = torch.rand(bins, generator=generator)
-        timesteps = ((torch.arange(bins) + offsets) * (1000.0 / bins)).clamp(max=999.0)
-        sigmas = sampling.sigma(timesteps.to(sampling.sigmas.device)).to(self.device)
+        steps = (
+            ((torch.arange(bins) + offsets) * (table.shape[0] / bins)).long().clamp(max=table.shape[0] - 1)
+        )
+        sigmas = table[steps.to(table.device)].to(self.device)
         _, latent = self.targets[target]
         x0 = self.patched.model.process_latent_in(latent.to(self.device)).expand(bins, -1, -1, -1)
         noise = torch.randn(x0.shape, generator=generator).to(self.device)

@@ -1,6 +1,7 @@
 """Quick personalization on real ComfyUI model classes (tiny SD1.5-inpainting UNet, tiny VAE)."""
 
 import hashlib
+import math
 
 import comfy.model_management
 import pytest
@@ -189,6 +190,20 @@ def test_activation_memory_estimate_scales_with_the_step(setup):
         plain = estimate(time_bins=4)
         assert estimate(time_bins=8) == 2 * plain
         assert estimate(time_bins=4, gradient_checkpointing=True) < plain / 3
+
+
+@pytest.mark.parametrize("sampling", ["edm", "v_prediction"])
+def test_continuous_noise_schedules_train(setup, sampling):
+    """Models with a continuous schedule (Playground v2.5, CosXL, or any MODEL through
+    ComfyUI's ModelSamplingContinuousEDM node) draw their noise levels from their own schedule."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM
+
+    model, vae, positive, pva, person_a, _ = setup
+    (continuous,) = ModelSamplingContinuousEDM().patch(model, sampling, sigma_max=120.0, sigma_min=0.002)
+    result = personalize(
+        continuous, vae, positive, person_a, pva, TrainingSettings(steps=3, learning_rate=1e-3)
+    )
+    assert all(math.isfinite(loss) and 0 < loss < 100 for loss in result.losses), result.losses
 
 
 def test_only_the_chosen_parameters_train(setup):
