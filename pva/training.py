@@ -125,7 +125,7 @@ class Personalizer:
 
     # -- entering and leaving ---------------------------------------------------------------
     def activation_memory(self) -> int:
-        """Estimated bytes a training step needs beyond the weights (ComfyUI keeps them free)."""
+        """Estimated bytes of what a training step keeps for the backward pass."""
         _, latent = self.targets[0]
         positions = self.settings.time_bins * latent.shape[-2] * latent.shape[-1]
         per_position = ACTIVATION_BYTES_PER_POSITION[self.settings.gradient_checkpointing]
@@ -134,11 +134,18 @@ class Personalizer:
         bytes_per_value = 2 if self._uses_bf16() else comfy.model_management.dtype_size(dtype)
         return int(positions * per_position * bytes_per_value / 4)
 
+    def training_memory(self) -> int:
+        """Bytes the run needs on the device besides the UNet's weights: activations, the PVA
+        model, and for its trained (fp32) parameters their gradients and AdamW's two moments."""
+        trainable = sum(p.numel() for module in self._trained_modules() for p in module.parameters())
+        frozen = sum(p.numel() for p in self.pva.parameters()) - trainable
+        return self.activation_memory() + 16 * trainable + 4 * frozen
+
     def __enter__(self) -> "Personalizer":
         try:
             # ComfyUI frees other models for the training activations and, when VRAM is still
             # short, loads the UNet partially (weights streamed per layer; gradients unchanged).
-            comfy.model_management.load_models_gpu([self.patched], memory_required=self.activation_memory())
+            comfy.model_management.load_models_gpu([self.patched], memory_required=self.training_memory())
             self.patched.pre_run()  # what ComfyUI's sampler does before running the model
             self._restore.append(self.patched.cleanup)
             self.device = self.patched.load_device
@@ -213,12 +220,16 @@ class Personalizer:
             layer.forward = checkpointed
         self._restore.append(lambda: [layer.__dict__.pop("forward", None) for layer in layers])
 
+    def _trained_modules(self) -> list[torch.nn.Module]:
+        train = self.settings.train
+        return [self.pva.identity_encoder] * (train in ("both", "identity_encoder")) + [
+            self.pva.projections
+        ] * (train in ("both", "projections"))
+
     def _set_trainable(self) -> None:
         self.pva.requires_grad_(False)
-        if self.settings.train in ("both", "identity_encoder"):
-            self.pva.identity_encoder.requires_grad_(True)
-        if self.settings.train in ("both", "projections"):
-            self.pva.projections.requires_grad_(True)
+        for module in self._trained_modules():
+            module.requires_grad_(True)
         self.parameters = [p for p in self.pva.parameters() if p.requires_grad]
 
     def _model_conds(self, cond: list, latent: torch.Tensor) -> list:
@@ -277,7 +288,7 @@ class Personalizer:
         return (
             self.settings.mixed_precision == "auto"
             and self.patched.load_device.type == "cuda"
-            and torch.cuda.is_bf16_supported()
+            and torch.cuda.is_bf16_supported(including_emulation=False)  # not on T4/V100/RTX 20xx
         )
 
     def _autocast(self):  # noqa: ANN202

@@ -191,6 +191,16 @@ def test_activation_memory_estimate_scales_with_the_step(setup):
         assert estimate(time_bins=8) == 2 * plain
         assert estimate(time_bins=4, gradient_checkpointing=True) < plain / 3
 
+        def total(train):
+            return Personalizer(
+                model, pva, person_a, targets, TrainingSettings(train=train)
+            ).training_memory()
+
+        # trained parameters also hold fp32 gradients and AdamW's two moments (12 more bytes each)
+        encoder = sum(p.numel() for p in pva.identity_encoder.parameters())
+        assert total("both") - total("projections") == 12 * encoder
+        assert total("projections") > plain + 16 * sum(p.numel() for p in pva.projections.parameters())
+
 
 @pytest.mark.parametrize("sampling", ["edm", "v_prediction"])
 def test_continuous_noise_schedules_train(setup, sampling):
