@@ -221,10 +221,12 @@ class Personalizer:
         self._restore.append(lambda: [layer.__dict__.pop("forward", None) for layer in layers])
 
     def _trained_modules(self) -> list[torch.nn.Module]:
-        train = self.settings.train
-        return [self.pva.identity_encoder] * (train in ("both", "identity_encoder")) + [
-            self.pva.projections
-        ] * (train in ("both", "projections"))
+        modules = []
+        if self.settings.train in ("both", "identity_encoder"):
+            modules.append(self.pva.identity_encoder)
+        if self.settings.train in ("both", "projections"):
+            modules.append(self.pva.projections)
+        return modules
 
     def _set_trainable(self) -> None:
         self.pva.requires_grad_(False)
