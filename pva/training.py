@@ -215,6 +215,10 @@ class Personalizer:
         for layer in layers:
 
             def checkpointed(*args, _forward: Callable = layer.forward, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                # ComfyUI updates transformer_options (block, block_index) in place as the
+                # forward proceeds: the recomputation must see them as they were now.
+                args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+                kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
                 return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
 
             layer.forward = checkpointed

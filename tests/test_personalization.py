@@ -250,6 +250,33 @@ def test_gradient_checkpointing_gives_the_same_step(setup):
     )
 
 
+def test_gradient_checkpointing_recomputes_with_the_layers_own_block_options(setup):
+    """Attention patches keyed by block (as many packs set them) must act in the recomputed
+    forward as they did in the first one, or checkpointing silently changes the gradients."""
+    model, vae, positive, pva, person_a, _ = setup
+    from comfy.ldm.modules.attention import optimized_attention
+
+    calls = []
+
+    def damped_attention(q, k, v, extra):
+        calls.append(extra["block"])
+        return optimized_attention(q, k, v, extra["n_heads"]) * 0.5
+
+    patched = model.clone()
+    for index in (1, 3):
+        patched.set_model_attn1_replace(damped_attention, "input", index)
+    results = {}
+    for checkpointing in (False, True):
+        settings = TrainingSettings(
+            steps=1, learning_rate=1e-3, time_bins=2, gradient_checkpointing=checkpointing
+        )
+        calls.clear()
+        results[checkpointing] = personalize(patched, vae, positive, person_a, pva, settings).pva
+        assert sorted(calls) == sorted([("input", 1), ("input", 3)] * (1 + checkpointing)), calls
+    for a, b in zip(results[False].parameters(), results[True].parameters(), strict=True):
+        assert (a - b).abs().max() <= 1e-6
+
+
 def test_interrupt_stops_cleanly(setup):
     model, vae, positive, pva, person_a, _ = setup
     checksum = _checksum(model)
