@@ -1,5 +1,7 @@
 """Load FaceNet and PVA models, or initialize a PVA model from the loaded MODEL."""
 
+import os
+
 import folder_paths
 from comfy_api.latest import io
 
@@ -17,6 +19,16 @@ def _full_path(folder: str, name: str, what: str) -> str:
             f"{what}: {name!r} is not in ComfyUI/models/{folder}/ (or its extra_model_paths.yaml folders)."
         )
     return path
+
+
+def _file_fingerprint(folder: str, name: str) -> tuple:
+    """Changes when the file does (e.g. Save PVA Model overwrote it), so ComfyUI reloads it
+    instead of answering from its cache."""
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        return (name, None)
+    stat = os.stat(path)
+    return (name, stat.st_mtime_ns, stat.st_size)
 
 
 class PVAFaceNetLoader(io.ComfyNode):
@@ -38,6 +50,10 @@ class PVAFaceNetLoader(io.ComfyNode):
             ],
             outputs=[FaceNetType.Output(display_name="FACENET")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, facenet_name: str) -> tuple:
+        return _file_fingerprint("facenet", facenet_name)
 
     @classmethod
     def execute(cls, facenet_name: str) -> io.NodeOutput:
@@ -62,6 +78,10 @@ class PVAModelLoader(io.ComfyNode):
             ],
             outputs=[PVAModelType.Output(display_name="PVA_MODEL")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, pva_name: str) -> tuple:
+        return _file_fingerprint("pva", pva_name)
 
     @classmethod
     def execute(cls, pva_name: str) -> io.NodeOutput:

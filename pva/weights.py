@@ -8,7 +8,7 @@ provenance (json).
 
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 import safetensors
@@ -56,13 +56,19 @@ def save_pva(pva: PVAModel, path: str | os.PathLike, overwrite: bool = False) ->
             f"{path.name} already exists in {path.parent}; choose another name or allow overwriting."
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    temp = path.with_name(f".{path.stem}-{uuid.uuid4().hex[:12]}.tmp")
     try:
-        safetensors.torch.save_file(state_dict_for_file(pva), temp, metadata=metadata_for_file(pva))
+        # A file made by open() has the permissions the user's umask gives; safetensors writes
+        # 0600 files, which other users of a shared ComfyUI could not read.
+        open(temp, "xb").close()
+        mode = temp.stat().st_mode & 0o777
+        safetensors.torch.save_file(state_dict_for_file(pva), str(temp), metadata=metadata_for_file(pva))
+        os.chmod(temp, mode)
+        with open(temp, "rb") as written:
+            os.fsync(written.fileno())  # on disk before it takes the final name
         os.replace(temp, path)
     except BaseException:
-        Path(temp).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
     return path
 
@@ -86,7 +92,13 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
             f"{path.name} is not a PVA weights file (no '{FORMAT}' header). PVA files are written by "
             "the 'Save PVA Model' node; LoRA, checkpoint or IP-Adapter files do not fit here."
         )
-    version = int(metadata.get("format_version", "0"))
+    try:
+        version = int(metadata.get("format_version", "0"))
+    except ValueError:
+        raise PVAWeightsError(
+            f"{path.name}: damaged PVA header (format_version {metadata.get('format_version')!r}); "
+            "save or download the file again."
+        ) from None
     if version > FORMAT_VERSION:
         raise PVAWeightsError(
             f"{path.name} uses PVA format version {version}; this pack reads up to {FORMAT_VERSION}. Update the pack."
@@ -106,6 +118,7 @@ def _load_pva(path: Path) -> PVAModel:
         encoder_config = json.loads(metadata["encoder"])
         layers = [LayerSpec(**spec) for spec in json.loads(metadata["layers"])]
         provenance = json.loads(metadata.get("provenance", "{}"))
+        pva = PVAModel(layers, IdentityEncoder(**encoder_config), metadata["family"], provenance)
     except (KeyError, ValueError, TypeError) as error:
         raise PVAWeightsError(
             f"{path.name}: damaged PVA header ({error}); save or download the file again."
@@ -114,7 +127,6 @@ def _load_pva(path: Path) -> PVAModel:
         raise PVAWeightsError(
             f"{path.name}: tensor data cannot be read ({error}); the file is probably truncated. Download or save it again."
         ) from None
-    pva = PVAModel(layers, IdentityEncoder(**encoder_config), metadata["family"], provenance)
     expected = state_dict_for_file(pva).keys()
     missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
     if missing or unexpected:

@@ -102,3 +102,37 @@ def test_loading_inside_inference_mode_gives_normal_tensors(pva, tmp_path):
     with torch.inference_mode():
         loaded = load_pva(path)
     assert not any(p.is_inference() for p in loaded.parameters())
+
+
+def test_saved_file_gets_the_users_permissions(pva, tmp_path):
+    """Readable by whoever the umask allows (a shared ComfyUI), not only its writer."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        path = save_pva(pva, tmp_path / "shared.safetensors")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"format_version": "one"}, "format_version"),
+        ({"encoder": json.dumps({"dim_feedforward_new": 3})}, "damaged PVA header"),
+        ({"family": None}, "damaged PVA header"),
+    ],
+)
+def test_damaged_or_unknown_header_fields_are_explained(pva, tmp_path, change, problem):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(save_pva(pva, tmp_path / "p.safetensors")), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for key, value in change.items():
+        metadata.pop(key) if value is None else metadata.update({key: value})
+    damaged = tmp_path / "damaged.safetensors"
+    save_file(tensors, str(damaged), metadata=metadata)
+    with pytest.raises(PVAWeightsError, match=problem):
+        load_pva(damaged)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from harness.host import REPO_ROOT
 from harness.references import face_mask, reference_photos, save_png, target_photo
 from harness.server import PACK_DIR_NAME, ComfyError, ComfyServer, wait_for_message
@@ -400,6 +401,44 @@ def test_saved_person_workflow_loads_exactly_the_saved_file(e2e):
     personalized = e2e.saved_image(personalize)
     differing = (e2e.saved_image(saved) != personalized).any(-1)
     assert not differing.any(), f"{differing.sum()} pixels differ from the personalize workflow's result"
+
+
+@pytest.mark.slow
+def test_loader_reloads_a_file_that_save_overwrote(e2e):
+    """Re-queueing a graph after its PVA file was overwritten (retrained, saved under the same
+    name) uses the new file, not ComfyUI's cached copy of the old one."""
+    from safetensors.torch import load_file
+
+    server, checkpoint = e2e.server, e2e.models["checkpoint"]
+
+    copy_graph = {
+        "load": {"class_type": "PVAModelLoader", "inputs": {"pva_name": "retrained.safetensors"}},
+        "copy": {"class_type": "PVASaveModel", "inputs": {"pva_model": ["load", 0], "name": "retrained_copy", "overwrite": True}},
+    }  # fmt: skip
+
+    def save_initialized(seed):
+        # The loader node rides along (unconnected, so not run): ComfyUI keeps the cached
+        # outputs of the nodes in the current prompt, as it does for a user editing one graph.
+        server.run(
+            {
+                "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+                "init": {"class_type": "PVAInitializeFromModel", "inputs": {"model": ["ckpt", 0], "num_tokens": 10, "seed": seed}},
+                "save": {"class_type": "PVASaveModel", "inputs": {"pva_model": ["init", 0], "name": "retrained", "overwrite": True}},
+                "load": copy_graph["load"],
+            }
+        )  # fmt: skip
+
+    def tensors(name):
+        return load_file(str(pva_file(server, name)))
+
+    save_initialized(seed=1)
+    server.run(copy_graph)
+    first = tensors("retrained_copy")
+    save_initialized(seed=2)
+    server.run(copy_graph)  # the same graph, queued again
+    second, on_disk = tensors("retrained_copy"), tensors("retrained")
+    assert any(not torch.equal(first[k], second[k]) for k in first), "the loader answered from its cache"
+    assert all(torch.equal(second[k], on_disk[k]) for k in on_disk)
 
 
 @pytest.mark.slow
