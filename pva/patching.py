@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from comfy.ldm.modules.attention import get_attn_precision
 from torch import nn
 
 from .attention import VisualKeys, parallel_attention
@@ -224,7 +225,10 @@ class ParallelCrossAttention(nn.Module):
         q = self.to_q(x)
         k = self.to_k(context)
         v = self.to_v(value if value is not None else context)
-        upcast = self.attn_precision == torch.float32 and q.dtype in (torch.float16, torch.bfloat16)
+        # ComfyUI's policy: the layer's own precision, --dont-upcast-attention, and the forced
+        # fp32 upcast of fp16 attention on some platforms (macOS >= 14.5)
+        precision = get_attn_precision(self.attn_precision, q.dtype)
+        upcast = precision == torch.float32 and q.dtype in (torch.float16, torch.bfloat16)
         if upcast:
             q, k, v = q.float(), k.float(), v.float()
             visual = [VisualKeys(s.query.float(), s.key.float(), s.value.float(), s.bias) for s in visual]

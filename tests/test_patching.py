@@ -225,3 +225,33 @@ def test_pva_made_inside_comfyuis_inference_mode_executor_works():
         out = run_unet(patched, unet_inputs(model))
     assert torch.isfinite(out).all()
     assert not any(p.is_inference() for p in pva.parameters())
+
+
+@pytest.mark.parametrize("forced_upcast", [False, True])
+def test_attention_upcast_follows_comfyuis_policy(monkeypatch, forced_upcast):
+    """fp16 attention is computed in fp32 exactly where ComfyUI would upcast its own (e.g. its
+    forced upcast on macOS >= 14.5), so the identity layers are as safe from overflow as the rest."""
+    import comfy.ldm.modules.attention as comfy_attention
+
+    import pva.patching
+
+    dtypes = []
+    fused = pva.patching.parallel_attention
+    monkeypatch.setattr(
+        pva.patching, "parallel_attention", lambda q, *rest: dtypes.append(q.dtype) or fused(q, *rest)
+    )
+    monkeypatch.setattr(
+        comfy_attention,
+        "FORCE_UPCAST_ATTENTION_DTYPE",
+        {torch.float16: torch.float32} if forced_upcast else None,
+    )
+    model = tiny_model("sd15", seed=5)
+    weights = PVAModel.initialize_from(model, num_tokens=4, encoder_depth=1)
+    layer = apply_identity(model, weights, _tokens(weights, 1)).get_model_object(
+        f"diffusion_model.{weights.layers[0].name}"
+    )
+    layer.half()
+    x, context = torch.randn(1, 64, 32).half(), torch.randn(1, 77, 768).half()
+    out = layer(x, context=context, transformer_options={})
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert dtypes == [torch.float32 if forced_upcast else torch.float16]
