@@ -82,7 +82,8 @@ class PVAModel(nn.Module):
     ) -> "PVAModel":
         """A fresh PVA model for a loaded MODEL: W' copied from each layer's W, encoder seeded.
 
-        Uses the base weights as loaded (LoRA weight patches on the MODEL are not folded in)."""
+        Uses the checkpoint's own weights (LoRA weight patches are not folded in), also while
+        ComfyUI has a patched clone of the same model loaded."""
         diffusion_model = model_patcher.model.diffusion_model
         layers = find_cross_attention_layers(diffusion_model)
         if not layers:
@@ -102,6 +103,15 @@ class PVAModel(nn.Module):
                 for spec in layers:
                     source, target = modules[spec.name], pva.projections_for(spec.name)
                     for proj in ("to_q", "to_k", "to_v"):
-                        weight = getattr(source, proj).weight.detach().to("cpu", torch.float32)
-                        getattr(target, proj).weight.copy_(weight)
+                        weight = _base_weight(
+                            model_patcher, f"diffusion_model.{spec.name}.{proj}.weight", source, proj
+                        )
+                        getattr(target, proj).weight.copy_(weight.detach().to("cpu", torch.float32))
         return pva
+
+
+def _base_weight(model_patcher: "ModelPatcher", key: str, module: nn.Module, name: str) -> torch.Tensor:
+    """The unpatched weight: while a clone with weight patches (a LoRA) is loaded, the live
+    tensor holds the patched values and ComfyUI keeps the original in the shared backup."""
+    backup = getattr(model_patcher, "backup", {}).get(key)
+    return backup.weight if backup is not None else getattr(module, name).weight

@@ -255,3 +255,25 @@ def test_attention_upcast_follows_comfyuis_policy(monkeypatch, forced_upcast):
     out = layer(x, context=context, transformer_options={})
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
     assert dtypes == [torch.float32 if forced_upcast else torch.float16]
+
+
+def test_initializing_reads_the_checkpoints_weights_while_a_lora_clone_is_loaded():
+    """After a KSampler ran a LoRA'd clone, the shared UNet holds LoRA-merged weights; a PVA
+    model initialized from the plain MODEL must still copy the checkpoint's own W."""
+    import comfy.model_management
+
+    model = tiny_model("sd15", seed=6)
+    before = PVAModel.initialize_from(model, num_tokens=2, encoder_depth=1)
+    key = f"diffusion_model.{before.layers[0].name}.to_q.weight"
+    lora = model.clone()
+    lora.add_patches({key: ("diff", (torch.ones_like(model.model.state_dict()[key]),))}, 1.0)
+    comfy.model_management.load_models_gpu([lora])
+    try:
+        live = model.model.state_dict()[key]
+        assert not torch.equal(live, before.projections_for(before.layers[0].name).to_q.weight), (
+            "LoRA not merged"
+        )
+        after = PVAModel.initialize_from(model, num_tokens=2, encoder_depth=1)
+    finally:
+        comfy.model_management.unload_all_models()
+    assert all(torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters(), strict=True))
