@@ -5,6 +5,7 @@ ParallelCrossAttention that shares the original's projections. The user's MODEL 
 mutated: ComfyUI puts the original modules back when the clone is unpatched.
 """
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -261,6 +262,19 @@ def _branch_groups(
     return groups
 
 
+def _warn_about_attention_replacements(model_patcher: "ModelPatcher") -> None:
+    """Another pack's attn2 replace patch (IP-Adapter, InstantID ...) makes ComfyUI skip the
+    attention module on that layer, and with it the identity: say so instead of failing silently."""
+    options = model_patcher.model_options.get("transformer_options", {})
+    replaced = options.get("patches_replace", {}).get("attn2", {})
+    if replaced:
+        logging.warning(
+            "[PVA] %d cross-attention layers of this MODEL are replaced by another node's attention patch "
+            "(e.g. IP-Adapter); the PVA identity has no effect on those layers.",
+            len(replaced),
+        )
+
+
 def check_compatible(pva: nn.Module, model_patcher: "ModelPatcher") -> None:
     """Explain, in the user's terms, why a PVA model does not fit a MODEL."""
     layers = find_cross_attention_layers(model_patcher.model.diffusion_model)
@@ -327,6 +341,7 @@ def apply_identity(
         scope=scope,
         region=None if region is None else region.float().cpu(),
     )
+    _warn_about_attention_replacements(model_patcher)
     patched = model_patcher.clone()
     for spec in pva.layers:
         key = f"diffusion_model.{spec.name}"

@@ -277,3 +277,18 @@ def test_initializing_reads_the_checkpoints_weights_while_a_lora_clone_is_loaded
     finally:
         comfy.model_management.unload_all_models()
     assert all(torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters(), strict=True))
+
+
+def test_another_packs_attention_replacement_is_reported(caplog):
+    """ComfyUI bypasses the attention module where an attn2 replace patch is set (IP-Adapter
+    style), so PVA cannot act there: the user is told, not left guessing."""
+    model = tiny_model("sd15")
+    weights = PVAModel.initialize_from(model, num_tokens=4, encoder_depth=1)
+    apply_identity(model, weights, _tokens(weights, 1))
+    assert "replaced by another node" not in caplog.text
+    adapted = model.clone()
+    adapted.set_model_attn2_replace(lambda q, k, v, extra: q, "input", 1)
+    apply_identity(adapted, weights, _tokens(weights, 1))
+    assert (
+        "1 cross-attention layers of this MODEL are replaced by another node's attention patch" in caplog.text
+    )
