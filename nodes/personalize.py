@@ -6,7 +6,6 @@ import torch
 from comfy_api.latest import io
 from tqdm import tqdm
 
-from ..pva.errors import PVAError
 from ..pva.model import PVAModel
 from ..pva.training import TRAINABLE, TrainingSettings, personalize
 from ..pva.training_data import prepare_personalization_data
@@ -57,13 +56,11 @@ class PVAQuickPersonalize(io.ComfyNode):
         cls, model, vae, clip, facenet, reference_images, prompt, steps, learning_rate, batch_size, time_bins,
         resolution, seed, train, gradient_checkpointing, mixed_precision, detection_threshold, pva_model=None,
     ) -> io.NodeOutput:  # fmt: skip
-        if reference_images is None or reference_images.shape[0] == 0:
-            raise PVAError("reference_images: no photos; connect at least one photo of the person.")
         settings = TrainingSettings(
             steps=steps, learning_rate=learning_rate, batch_size=batch_size, time_bins=time_bins, seed=seed,
             train=train, gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
         )  # fmt: skip
-        settings.validate()
+        settings.validate()  # before the face detection and VAE encoding, not after
         pva = pva_model if pva_model is not None else PVAModel.initialize_from(model, seed=seed)
         facenet.to(comfy.model_management.get_torch_device())
         try:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import NoFaceFoundError, PVAError
+from .facenet import FACENET_PYTORCH_MISSING
 
 ImageBatch = torch.Tensor | Sequence[torch.Tensor]
 
@@ -49,7 +50,7 @@ class DetectedFace:
         return math.atan2(ry - ly, rx - lx)
 
 
-def _image_list(images: ImageBatch) -> list[torch.Tensor]:
+def image_list(images: ImageBatch) -> list[torch.Tensor]:
     """Split a ComfyUI IMAGE batch (or a list of them) into [H,W,3] tensors, checking shapes."""
 
     def bad(what: str) -> PVAError:
@@ -85,10 +86,7 @@ def _mtcnn(device: torch.device) -> object:
     try:
         from facenet_pytorch import MTCNN
     except ImportError as e:
-        raise PVAError(
-            "facenet-pytorch is not installed: run this pack's install.py, or "
-            "`pip install --no-deps facenet-pytorch==2.6.0` (--no-deps keeps your torch)."
-        ) from e
+        raise PVAError(FACENET_PYTORCH_MISSING) from e
 
     key = str(device)
     with _mtcnn_lock:
@@ -138,7 +136,7 @@ def detect_faces(
     device: torch.device | str | None = None,
 ) -> list[DetectedFace]:
     """One face per reference photo: the largest, or the `face_index`-th largest (0-based)."""
-    photos = _image_list(images)
+    photos = image_list(images)
     if not 0.0 < threshold < 1.0:
         raise PVAError(f"face detection threshold: got {threshold}, expected a value between 0 and 1.")
     if face_index is not None and face_index < 0:
@@ -171,7 +169,7 @@ def align_faces(
     Rotating about the eye centre and then cropping around the (rotated) box centre is the same
     as rotating about the box centre, so one affine map per photo does rotation, crop and resize.
     """
-    photos = _image_list(images)
+    photos = image_list(images)
     if len(faces) != len(photos):
         raise PVAError(f"reference images: {len(photos)} photos but {len(faces)} detected faces.")
     crops = []

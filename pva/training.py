@@ -156,7 +156,14 @@ class Personalizer:
             self.pva.to(self.device).train()
             self._set_trainable()
             self.targets = [(_plain(cond), _plain(latent)) for cond, latent in self.targets]
-            self.conds = [self._model_conds(cond, latent) for cond, latent in self.targets]
+            # clean latents in the model's own latent space, once for the whole run
+            self.latents = [
+                self.patched.model.process_latent_in(latent.to(self.device)) for _, latent in self.targets
+            ]
+            self.conds = [
+                self._model_conds(cond, latent)
+                for (cond, _), latent in zip(self.targets, self.latents, strict=True)
+            ]
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -239,8 +246,8 @@ class Personalizer:
         self.parameters = [p for p in self.pva.parameters() if p.requires_grad]
 
     def _model_conds(self, cond: list, latent: torch.Tensor) -> list:
-        """ComfyUI's own processing of a conditioning (inpaint concat etc.) for this latent."""
-        latent = self.patched.model.process_latent_in(latent.to(self.device))
+        """ComfyUI's own processing of a conditioning (inpaint concat etc.) for this
+        (model-space) latent."""
         noise = torch.zeros((self.settings.time_bins,) + tuple(latent.shape[1:]), device=self.device)
         processed = comfy.samplers.process_conds(
             self.patched.model,
@@ -268,8 +275,7 @@ class Personalizer:
             ((torch.arange(bins) + offsets) * (table.shape[0] / bins)).long().clamp(max=table.shape[0] - 1)
         )
         sigmas = table[steps.to(table.device)].to(self.device)
-        _, latent = self.targets[target]
-        x0 = self.patched.model.process_latent_in(latent.to(self.device)).expand(bins, -1, -1, -1)
+        x0 = self.latents[target].expand(bins, -1, -1, -1)
         noise = torch.randn(x0.shape, generator=generator).to(self.device)
         x_t = sampling.noise_scaling(sigmas, noise, x0)
         self.stream.tokens = self.pva.identity_encoder(self.data.references_for(target).to(self.device))

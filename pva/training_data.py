@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .errors import PVAError
 from .facenet import embed_faces
-from .faces import DetectedFace, ImageBatch, align_faces, detect_faces, face_region_mask
+from .faces import DetectedFace, ImageBatch, align_faces, detect_faces, face_region_mask, image_list
 
 
 @dataclass(frozen=True)
@@ -70,11 +70,7 @@ def prepare_personalization_data(
     """Detect, crop and embed the reference photos; build each one's whole-face mask."""
     if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] == 0:
         raise PVAError("reference_images: the batch is empty; connect at least one photo of the person.")
-    photos = (
-        list(images)
-        if isinstance(images, torch.Tensor)
-        else [img[0] if img.dim() == 4 else img for img in images]
-    )
+    photos = image_list(images)
     faces = detect_faces(images, threshold=threshold)
     crops, masks = [], []
     for photo, face in zip(photos, faces, strict=True):

@@ -156,25 +156,18 @@ def references(wf: Workflow, first_id: int, x: int, y: int) -> Link:
         )
         for i, name in enumerate(REFERENCES)
     ]
-    batch = wf.add(
-        first_id + 3,
-        "ImageBatch",
-        (x + 330, y + 390),
-        size=(210, 46),
-        group=grp,
-        image1=loads[0][0],
-        image2=loads[1][0],
-    )
-    batch = wf.add(
-        first_id + 4,
-        "ImageBatch",
-        (x + 660, y + 390),
-        size=(210, 46),
-        group=grp,
-        image1=batch[0],
-        image2=loads[2][0],
-    )
-    return batch[0]
+    batch = loads[0][0]
+    for i, load in enumerate(loads[1:]):  # Batch Images takes two images: chain them
+        batch = wf.add(
+            first_id + len(loads) + i,
+            "ImageBatch",
+            (x + 330 * (i + 1), y + 390),
+            size=(210, 46),
+            group=grp,
+            image1=batch,
+            image2=load[0],
+        )[0]
+    return batch
 
 
 def identity(wf: Workflow, first_id: int, x: int, y: int, model: Link, pva: Link, facenet: Link, refs: Link,
