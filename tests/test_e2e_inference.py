@@ -22,6 +22,7 @@ import pytest
 from harness.references import (
     face_mask,
     faceless_photo,
+    grown,
     load_image_batch,
     load_mask,
     save_png,
@@ -30,7 +31,6 @@ from harness.references import (
     write_references,
 )
 from harness.server import ComfyError, ComfyServer
-from PIL import Image
 
 SIZE = 256
 SEED = 20240203
@@ -169,25 +169,8 @@ def saved_image(setup: Setup, run: str) -> np.ndarray:
     """The image SaveImage wrote for one of RUNS, [H, W, 3] uint8 (sampled once per module)."""
     if run not in setup.images:
         outputs = setup.server.run(inpaint_prompt(setup, f"pva-e2e/{run}", RUNS[run]))
-        images = outputs["save"]["images"]
-        assert len(images) == 1, images
-        entry = images[0]
-        assert entry["type"] == "output"
-        path = setup.server.base / "output" / entry["subfolder"] / entry["filename"]
-        assert path.is_file(), path
-        with Image.open(path) as saved:
-            assert saved.mode == "RGB"
-            setup.images[run] = np.asarray(saved).copy()
+        setup.images[run] = setup.server.output_image(outputs, "save")
     return setup.images[run]
-
-
-def _grown(mask: np.ndarray, pixels: int) -> np.ndarray:
-    """Dilate a bool mask by `pixels` (square neighbourhood)."""
-    grown = mask.copy()
-    for dy in range(-pixels, pixels + 1):
-        for dx in range(-pixels, pixels + 1):
-            grown |= np.roll(np.roll(mask, dy, axis=0), dx, axis=1)
-    return grown
 
 
 def test_random_checkpoint_loads_as_sd15_inpainting(sd15_inpaint_ckpt, caplog):
@@ -232,7 +215,7 @@ def test_inpainting_saves_the_image_and_keeps_everything_outside_the_mask(setup)
     assert result.shape == (SIZE, SIZE, 3)
     original = target_photo(SIZE)
     mask = face_mask(SIZE)
-    outside = ~_grown(mask, MARGIN)
+    outside = ~grown(mask, MARGIN)
     # ImageCompositeMasked pastes the decoded pixels through a 0/1 mask at the image's own size,
     # so outside the mask the result is the loaded photo itself, and PNG -> float -> PNG is
     # lossless for 8-bit values: exact equality (tolerance 0). The margin only guards against

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 from harness.host import REPO_ROOT
-from harness.references import face_mask, reference_photos, save_png, target_photo
+from harness.references import face_mask, grown, reference_photos, save_png, target_photo
 from harness.server import PACK_DIR_NAME, ComfyError, ComfyServer, wait_for_message
 from PIL import Image
 
@@ -68,6 +68,22 @@ def ui_file(name: str) -> dict:
 
 def api_file(name: str) -> dict:
     return json.loads((API_DIR / f"{name}.json").read_text())
+
+
+def _needed_for(prompt: dict, node_id: str) -> dict:
+    """The part of an API prompt that `node_id` depends on (itself included)."""
+    needed, todo = set(), [node_id]
+    while todo:
+        current = todo.pop()
+        if current not in needed:
+            needed.add(current)
+            todo += [v[0] for v in prompt[current]["inputs"].values() if isinstance(v, list)]
+    return {k: v for k, v in prompt.items() if k in needed}
+
+
+def _node_id(prompt: dict, class_type: str) -> str:
+    (node_id,) = [i for i, n in prompt.items() if n["class_type"] == class_type]
+    return node_id
 
 
 @pytest.fixture(scope="module")
@@ -303,14 +319,7 @@ class E2E:
         """The inpainted picture the workflow's SaveImage wrote, [H, W, 3] uint8."""
         if name not in self.images:
             outputs = self.run(name)
-            save_ids = [i for i, n in api_file(name).items() if n["class_type"] == "SaveImage"]
-            assert len(save_ids) == 1
-            images = outputs[save_ids[0]]["images"]
-            assert len(images) == 1 and images[0]["type"] == "output", images
-            path = self.server.base / "output" / images[0]["subfolder"] / images[0]["filename"]
-            with Image.open(path) as saved:
-                assert saved.mode == "RGB"
-                self.images[name] = np.asarray(saved).copy()
+            self.images[name] = self.server.output_image(outputs, _node_id(api_file(name), "SaveImage"))
         return self.images[name]
 
 
@@ -339,12 +348,9 @@ def check_inpainted(image: np.ndarray) -> None:
     assert image.shape == (SIZE, SIZE, 3)
     original = target_photo(SIZE)
     mask = face_mask(SIZE)
-    grown = mask.copy()
-    for dy in range(-MARGIN, MARGIN + 1):
-        for dx in range(-MARGIN, MARGIN + 1):
-            grown |= np.roll(np.roll(mask, dy, axis=0), dx, axis=1)
+    outside = ~grown(mask, MARGIN)
     diff = np.abs(image.astype(int) - original.astype(int)).max(-1)
-    assert diff[~grown].max() == 0, f"{(diff[~grown] > 0).sum()} pixels changed outside the mask"
+    assert diff[outside].max() == 0, f"{(diff[outside] > 0).sum()} pixels changed outside the mask"
     # Inside, the face was repainted (random weights: noise-like content, but not the photo).
     assert diff[mask].mean() > 5, diff[mask].mean()
 
@@ -357,7 +363,7 @@ def pva_file(server: ComfyServer, name: str) -> Path:
 def test_quick_personalize_workflow_saves_the_person_and_inpaints(e2e):
     name = "pva_quick_personalize_and_inpaint"
     api = api_file(name)
-    (save_id,) = [i for i, n in api.items() if n["class_type"] == "PVASaveModel"]
+    save_id = _node_id(api, "PVASaveModel")
     person = api[save_id]["inputs"]["name"]
     assert person == build.PERSON
     path = pva_file(e2e.server, person)
@@ -376,7 +382,7 @@ def test_quick_personalize_workflow_saves_the_person_and_inpaints(e2e):
     assert personalized["steps"] == 2 and personalized["time_bins"] == 2, personalized
     assert personalized["references"] == len(build.REFERENCES), personalized
     # The loss plot went to the Preview Image node.
-    (preview_id,) = [i for i, n in api.items() if n["class_type"] == "PreviewImage"]
+    preview_id = _node_id(api, "PreviewImage")
     (plot,) = outputs[preview_id]["images"]
     assert plot["type"] == "temp"
     with Image.open(e2e.server.base / "temp" / plot["subfolder"] / plot["filename"]) as image:
@@ -387,7 +393,8 @@ def test_quick_personalize_workflow_saves_the_person_and_inpaints(e2e):
 def test_saved_person_workflow_loads_exactly_the_saved_file(e2e):
     personalize, saved = "pva_quick_personalize_and_inpaint", "pva_inpaint_with_saved_person"
     e2e.run(personalize)
-    (loader,) = [n for n in api_file(saved).values() if n["class_type"] == "PVAModelLoader"]
+    api = api_file(saved)
+    loader = api[_node_id(api, "PVAModelLoader")]
     assert loader["inputs"]["pva_name"] == f"{build.PERSON}.safetensors"
     # Listed by the loader without a restart.
     options = e2e.server.get_json("/object_info/PVAModelLoader")["PVAModelLoader"]["input"]["required"][
@@ -451,22 +458,6 @@ def test_face_inpainting_workflows_keep_the_photo_outside_the_mask(e2e):
     assert (e2e.saved_image(plain) != e2e.saved_image(edited)).any(-1)[mask].mean() > 0.05
 
 
-def _needed_for(prompt: dict, node_id: str) -> dict:
-    """The part of an API prompt that `node_id` depends on (itself included)."""
-    needed, todo = set(), [node_id]
-    while todo:
-        current = todo.pop()
-        if current not in needed:
-            needed.add(current)
-            todo += [v[0] for v in prompt[current]["inputs"].values() if isinstance(v, list)]
-    return {k: v for k, v in prompt.items() if k in needed}
-
-
-def _node_id(prompt: dict, class_type: str) -> str:
-    (node_id,) = [i for i, n in prompt.items() if n["class_type"] == class_type]
-    return node_id
-
-
 def _inpaint_with_base_model(e2e: E2E, variant: str) -> np.ndarray:
     """The face-inpainting workflow on the checkpoint's own MODEL: "without_pva" (the Apply node
     bypassed) or "strength_0" (which is exactly the base model), at a seed no other test uses."""
@@ -479,9 +470,7 @@ def _inpaint_with_base_model(e2e: E2E, variant: str) -> np.ndarray:
         prompt[apply]["inputs"]["strength"] = 0.0
     save_image = _node_id(prompt, "SaveImage")
     prompt[save_image]["inputs"]["filename_prefix"] = f"pva-cancel/{variant}"
-    (image,) = e2e.server.run(prompt)[save_image]["images"]
-    with Image.open(e2e.server.base / "output" / image["subfolder"] / image["filename"]) as saved:
-        return np.asarray(saved.convert("RGB")).copy()
+    return e2e.server.output_image(e2e.server.run(prompt), save_image)
 
 
 @pytest.mark.slow

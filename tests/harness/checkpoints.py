@@ -158,6 +158,23 @@ def build_lock(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def cached_file(path: Path, build: Callable[[Path], None]) -> Path:
+    """`path`, made once: `build(temporary)` writes a temporary file beside it, which is then
+    renamed into place (never a half-written cache), under a lock shared by test sessions."""
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock(path):
+        if not path.is_file():  # another process may have built it while we waited
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            try:
+                build(temporary)
+                os.replace(temporary, path)
+            finally:
+                temporary.unlink(missing_ok=True)
+    return path
+
+
 def _build_checkpoint(path: Path) -> None:
     # Pass 1, on the meta device (no memory): every key, dtype and shape, for the header.
     layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
@@ -168,30 +185,25 @@ def _build_checkpoint(path: Path) -> None:
         "format": "pt",
         "pva_test_checkpoint": f"SD1.5 inpainting layout, random weights, v{CHECKPOINT_VERSION}",
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(_safetensors_header(layout, metadata))
-            # Pass 2: one component at a time, filled and streamed in header order.
-            for prefix, build, drop, extra, seed in _COMPONENTS:
-                state = _component_state(prefix, build, drop, extra, "cpu", seed)
-                for key in [k for k in layout if k.startswith(prefix)]:
-                    tensor = state.pop(key)
-                    if tensor.dtype != layout[key][0] or tuple(tensor.shape) != layout[key][1]:
-                        raise RuntimeError(
-                            f"{key}: built {tensor.dtype} {list(tensor.shape)}, header says {layout[key]}"
-                        )
-                    _write_tensor(f, tensor)
-                if state:
-                    raise RuntimeError(f"tensors missing from the header: {sorted(state)[:5]}")
-                del state
-                gc.collect()
-            f.flush()
-            os.fsync(f.fileno())
-        _check_readable(tmp, layout)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with open(path, "wb") as f:
+        f.write(_safetensors_header(layout, metadata))
+        # Pass 2: one component at a time, filled and streamed in header order.
+        for prefix, build, drop, extra, seed in _COMPONENTS:
+            state = _component_state(prefix, build, drop, extra, "cpu", seed)
+            for key in [k for k in layout if k.startswith(prefix)]:
+                tensor = state.pop(key)
+                if tensor.dtype != layout[key][0] or tuple(tensor.shape) != layout[key][1]:
+                    raise RuntimeError(
+                        f"{key}: built {tensor.dtype} {list(tensor.shape)}, header says {layout[key]}"
+                    )
+                _write_tensor(f, tensor)
+            if state:
+                raise RuntimeError(f"tensors missing from the header: {sorted(state)[:5]}")
+            del state
+            gc.collect()
+        f.flush()
+        os.fsync(f.fileno())
+    _check_readable(path, layout)
 
 
 def _check_readable(path: Path, layout: dict) -> None:
@@ -209,16 +221,13 @@ def _check_readable(path: Path, layout: dict) -> None:
 def sd15_inpaint_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     """Path of the cached random-weight SD1.5-inpainting checkpoint, building it if needed."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / CHECKPOINT_FILE
-    if path.is_file():
-        return path
-    with build_lock(path):
-        if not path.is_file():  # another process may have built it while we waited
-            import_comfy_on_cpu()
-            with torch.inference_mode(False), torch.no_grad():
-                _build_checkpoint(path)
-    return path
+
+    def build(path: Path) -> None:
+        import_comfy_on_cpu()
+        with torch.inference_mode(False), torch.no_grad():
+            _build_checkpoint(path)
+
+    return cached_file(cache_dir / CHECKPOINT_FILE, build)
 
 
 def facenet_random_weights(path: str | os.PathLike | None = None, seed: int = 0) -> Path:
@@ -226,21 +235,13 @@ def facenet_random_weights(path: str | os.PathLike | None = None, seed: int = 0)
     as a .pt file of plain tensors, like the real VGGFace2 file (which also has `logits.*`)."""
     from facenet_pytorch import InceptionResnetV1
 
-    path = Path(path) if path is not None else default_cache_dir() / FACENET_FILE
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = InceptionResnetV1(pretrained=None, classify=False)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    def build(temporary: Path) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = InceptionResnetV1(pretrained=None, classify=False)
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, temporary)
+
+    return cached_file(Path(path) if path is not None else default_cache_dir() / FACENET_FILE, build)
 
 
 # Names under which a test server's model folders see the cached files.

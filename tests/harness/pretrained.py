@@ -17,7 +17,6 @@ covers the starting weights, the VAE and the recipe.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import comfy.sampler_helpers
@@ -27,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from pva.training import encode_inpaint_targets
 
-from .checkpoints import build_lock, default_cache_dir
+from .checkpoints import cached_file, default_cache_dir
 from .models import tiny_model
 from .people import synthetic_person
 
@@ -38,14 +37,13 @@ def pretrained_inpainting_model(vae, positive: list):  # noqa: ANN201
     """tiny_model("sd15", in_channels=9) after RECIPE's denoising pretraining (cached)."""
     model = tiny_model("sd15", in_channels=9)
     unet = model.model.diffusion_model
+
+    def build(temporary: Path) -> None:
+        _pretrain(model, vae, positive)
+        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(temporary))
+
     path = default_cache_dir() / f"tiny-sd15-inpaint-people-{_cache_key(unet, vae)}.safetensors"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with build_lock(path):
-            if not path.is_file():
-                _pretrain(model, vae, positive)
-                _save_atomically(unet.state_dict(), path)
-    unet.load_state_dict(load_file(path))
+    unet.load_state_dict(load_file(cached_file(path, build)))
     return model
 
 
@@ -105,9 +103,3 @@ def _pretrain(model, vae, positive: list) -> None:  # noqa: ANN001
             optimizer.step()
         for parameter in parameters:
             parameter.requires_grad_(False)
-
-
-def _save_atomically(state: dict, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(temporary))
-    os.replace(temporary, path)

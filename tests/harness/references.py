@@ -62,6 +62,16 @@ def face_mask(size: int = 256, grow: float = 0.15) -> np.ndarray:
     return ys[:, None] ** 2 + xs[None, :] ** 2 <= 1
 
 
+def grown(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """A bool mask dilated by `pixels` (square neighbourhood): the band where a pasted-back
+    inpainting may blend into the photo."""
+    out = mask.copy()
+    for dy in range(-pixels, pixels + 1):
+        for dx in range(-pixels, pixels + 1):
+            out |= np.roll(np.roll(mask, dy, axis=0), dx, axis=1)
+    return out
+
+
 def save_png(pixels: np.ndarray, folder: Path, name: str) -> str:
     """Save uint8 pixels ([H,W,3] RGB or [H,W] grey) as folder/name; return the name."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -159,6 +159,17 @@ class ComfyServer:
             time.sleep(0.2)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout}s")
 
+    def output_image(self, outputs: dict, node_id: str):  # noqa: ANN201  (np.ndarray)
+        """The one picture SaveImage node `node_id` wrote in a finished prompt, [H, W, 3] uint8."""
+        import numpy as np
+        from PIL import Image
+
+        images = outputs[node_id]["images"]
+        assert len(images) == 1 and images[0]["type"] == "output", images
+        with Image.open(self.base / "output" / images[0]["subfolder"] / images[0]["filename"]) as saved:
+            assert saved.mode == "RGB", saved.mode
+            return np.asarray(saved).copy()
+
     def interrupt(self) -> None:
         self.post_json("/interrupt", {})
 
