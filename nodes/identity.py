@@ -1,31 +1,12 @@
-"""Reference photos -> identity (FaceNet embeddings and identity tokens)."""
+"""Reference photos -> IDENTITY (the FaceNet embeddings of one person's faces)."""
 
-import comfy.model_management
 import torch
 from comfy_api.latest import io
 
-from ..pva.facenet import embed_faces
-from ..pva.faces import align_faces, detect_faces
+from ..pva.face_embeddings import embed_photos
+from ..pva.faces import DetectionSettings
 from ..pva.identity import Identity
-from .types import CATEGORY, FaceNetType, IdentityType, PVAModelType
-
-
-def encode_references(pva, facenet, images, threshold: float, face_index: int) -> Identity:
-    faces = detect_faces(images, threshold=threshold, face_index=None if face_index < 0 else face_index)
-    crops = align_faces(images, faces)
-    device = comfy.model_management.get_torch_device()
-    facenet.to(device)
-    try:
-        embeddings = embed_faces(facenet, crops).cpu()
-    finally:
-        facenet.to(comfy.model_management.unet_offload_device())
-    return Identity(
-        tokens=pva.encode(embeddings),
-        face_embeddings=embeddings,
-        context_dim=pva.context_dim,
-        pva_instance_id=pva.instance_id,
-        family=pva.family,
-    )
+from .types import CATEGORY, FaceNetType, FacesType, IdentityType
 
 
 class PVAEncodeIdentity(io.ComfyNode):
@@ -35,12 +16,10 @@ class PVAEncodeIdentity(io.ComfyNode):
             node_id="PVAEncodeIdentity",
             display_name="Encode Identity (PVA)",
             category=CATEGORY,
-            description="Finds the face in each reference photo (MTCNN), aligns it, embeds it with FaceNet "
-            "and turns the embeddings into identity tokens with the PVA model's identity encoder.",
+            description="Finds the face in each reference photo (MTCNN), aligns it and embeds it with FaceNet. "
+            "The IDENTITY holds these embeddings; the PVA model that applies it turns them into identity "
+            "tokens, so one IDENTITY works with any PVA model.",
             inputs=[
-                PVAModelType.Input(
-                    "pva_model", tooltip="The PVA model whose identity encoder makes the tokens."
-                ),
                 FaceNetType.Input("facenet", tooltip="From 'Load FaceNet (PVA)'."),
                 io.Image.Input(
                     "reference_images",
@@ -56,10 +35,17 @@ class PVAEncodeIdentity(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "face_index",
-                    default=-1,
-                    min=-1,
-                    max=31,
-                    tooltip="Which face to use when a photo has several: -1 = the largest, 0 = largest, 1 = second largest, ...",
+                    default=0,
+                    min=0,
+                    max=63,
+                    tooltip="Which face of each photo when it shows several: 0 = the first in the order "
+                    "(largest first, or the order chosen in 'Detect Faces (PVA)'), 1 = the next, ...",
+                ),
+                FacesType.Input(
+                    "faces",
+                    optional=True,
+                    tooltip="Faces already found in these photos by 'Detect Faces (PVA)' (its order and "
+                    "settings apply); without it the faces are detected here, largest first.",
                 ),
             ],
             outputs=[IdentityType.Output(display_name="IDENTITY")],
@@ -67,8 +53,16 @@ class PVAEncodeIdentity(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, pva_model, facenet, reference_images: torch.Tensor, detection_threshold: float, face_index: int
-    ):
+        cls, facenet, reference_images: torch.Tensor, detection_threshold: float, face_index: int, faces=None
+    ) -> io.NodeOutput:
+        embedded = embed_photos(
+            reference_images,
+            facenet,
+            faces=faces,
+            detection=DetectionSettings(threshold=detection_threshold),
+            selection=(face_index,),
+        )
+        count = embedded.count
         return io.NodeOutput(
-            encode_references(pva_model, facenet, reference_images, detection_threshold, face_index)
+            Identity(embedded.embeddings, source=f"{count} reference photo{'s' if count != 1 else ''}")
         )

@@ -1,6 +1,5 @@
 """Quick personalization: learn a person from reference photos inside the graph."""
 
-import comfy.model_management
 import comfy.utils
 import torch
 from comfy_api.latest import io
@@ -42,6 +41,7 @@ class PVAQuickPersonalize(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute activations in the backward pass: less memory, ~30% slower."),
                 io.Combo.Input("mixed_precision", options=["auto", "none"], default="auto", tooltip="auto: bf16 autocast on a GPU that supports it; none: the model's own dtype."),
                 io.Float.Input("detection_threshold", default=0.9, min=0.1, max=0.999, step=0.01, tooltip="MTCNN face probability threshold."),
+                io.Int.Input("face_index", default=0, min=0, max=63, tooltip="Which face of each photo when it shows several: 0 = the largest, 1 = the next largest, ..."),
                 PVAModelType.Input("pva_model", optional=True, tooltip="Start from this PVA model (e.g. a pretrained one); otherwise one is initialized from the MODEL."),
             ],
             outputs=[
@@ -54,7 +54,8 @@ class PVAQuickPersonalize(io.ComfyNode):
     @classmethod
     def execute(
         cls, model, vae, clip, facenet, reference_images, prompt, steps, learning_rate, batch_size, time_bins,
-        resolution, seed, train, gradient_checkpointing, mixed_precision, detection_threshold, pva_model=None,
+        resolution, seed, train, gradient_checkpointing, mixed_precision, detection_threshold, face_index=0,
+        pva_model=None,
     ) -> io.NodeOutput:  # fmt: skip
         settings = TrainingSettings(
             steps=steps, learning_rate=learning_rate, batch_size=batch_size, time_bins=time_bins, seed=seed,
@@ -62,14 +63,10 @@ class PVAQuickPersonalize(io.ComfyNode):
         )  # fmt: skip
         settings.validate()  # before the face detection and VAE encoding, not after
         pva = pva_model if pva_model is not None else PVAModel.initialize_from(model, seed=seed)
-        facenet.to(comfy.model_management.get_torch_device())
-        try:
-            with torch.inference_mode(False):
-                data = prepare_personalization_data(
-                    reference_images, facenet, resolution, detection_threshold
-                )
-        finally:
-            facenet.to(comfy.model_management.unet_offload_device())
+        with torch.inference_mode(False):
+            data = prepare_personalization_data(
+                reference_images, facenet, resolution, detection_threshold, face_index=face_index
+            )
         positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
 
         progress = comfy.utils.ProgressBar(steps)

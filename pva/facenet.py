@@ -1,4 +1,5 @@
-"""FaceNet (Inception-ResNet-v1, VGGFace2) loading from a local file, and face embedding."""
+"""FaceNet (Inception-ResNet-v1, VGGFace2): loading from a local file as a ComfyUI-managed model,
+and face embedding."""
 
 from __future__ import annotations
 
@@ -11,14 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from .errors import PVAError, PVAWeightsError
+from .faces import FACENET_PYTORCH_MISSING
 
 if TYPE_CHECKING:
     from facenet_pytorch import InceptionResnetV1
-
-FACENET_PYTORCH_MISSING = (
-    "facenet-pytorch is not installed: run this pack's install.py, or "
-    "`pip install --no-deps facenet-pytorch==2.6.0` (--no-deps keeps your torch)."
-)
 WEIGHTS_HINT = "put the FaceNet VGGFace2 weights (20180402-114759-vggface2.pt) in ComfyUI/models/facenet/"
 
 
@@ -55,8 +52,32 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_facenet(path: str | os.PathLike) -> InceptionResnetV1:
-    """InceptionResnetV1 (512-d embeddings) from a local .pt or .safetensors, frozen, in eval mode."""
+class FaceNet:
+    """The FACENET passed between nodes: InceptionResnetV1 behind a ComfyUI ModelPatcher (as core's
+    CLIP vision model), so ComfyUI's model management counts its memory, loads it to the GPU when
+    it embeds and offloads it when another model needs the room."""
+
+    def __init__(self, model: InceptionResnetV1):
+        import comfy.model_management
+        import comfy.model_patcher
+
+        self.model = model
+        self.patcher = comfy.model_patcher.ModelPatcher(
+            model,
+            load_device=comfy.model_management.get_torch_device(),
+            offload_device=comfy.model_management.unet_offload_device(),
+        )
+
+    def embed(self, crops: torch.Tensor) -> torch.Tensor:
+        """[B,512] L2-normalized float32 embeddings of standardized [B,3,H,W] face crops (CPU)."""
+        import comfy.model_management
+
+        comfy.model_management.load_model_gpu(self.patcher)
+        return embed_faces(self.model, crops).cpu()
+
+
+def load_facenet(path: str | os.PathLike) -> FaceNet:
+    """FaceNet (512-d embeddings) from a local .pt or .safetensors, frozen, in eval mode."""
     path = Path(path)
     if not path.is_file():
         raise PVAWeightsError(f"FaceNet weights file {path} not found: {WEIGHTS_HINT}.")
@@ -91,15 +112,16 @@ def load_facenet(path: str | os.PathLike) -> InceptionResnetV1:
         )
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
     model.eval().requires_grad_(False)
-    return model
+    return FaceNet(model)
 
 
-def embed_faces(facenet: InceptionResnetV1, crops: torch.Tensor) -> torch.Tensor:
-    """[B,512] L2-normalized float32 embeddings of standardized [B,3,H,W] face crops."""
+def embed_faces(facenet: torch.nn.Module, crops: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """[B,512] L2-normalized float32 embeddings of standardized [B,3,H,W] face crops, on the
+    crops' device. `grad` keeps the graph (pretraining stage 2 trains FaceNet)."""
     if crops.dim() != 4 or crops.shape[1] != 3 or crops.shape[0] == 0:
         raise PVAError(f"face crops: got shape {list(crops.shape)}, expected [batch, 3, height, width].")
     param = next(facenet.parameters())
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         emb = facenet(crops.to(param.device, param.dtype))
     # normalize again in float32: the model's own normalization may have run in half precision
     return F.normalize(emb.float(), dim=1).to(crops.device)

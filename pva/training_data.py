@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from .errors import PVAError
-from .facenet import embed_faces
-from .faces import DetectedFace, ImageBatch, align_faces, detect_faces, face_region_mask, image_list
+from .face_embeddings import embed_photos
+from .facenet import FaceNet
+from .faces import DetectedFace, DetectionSettings, ImageBatch, image_list
+from .regions import region_mask
 
 
 @dataclass(frozen=True)
@@ -30,12 +32,12 @@ class PersonalizationData:
         return self.embeddings[keep]
 
 
-def _square_crop(
+def square_crop(
     image: torch.Tensor, face: DetectedFace, resolution: int, context: float
-) -> tuple[torch.Tensor, tuple]:
+) -> tuple[torch.Tensor, DetectedFace]:
     """A square of side `context` x the face size around the face, resampled to resolution.
 
-    Returns the crop [R, R, 3] and the affine map (scale, x0, y0) from photo to crop pixels."""
+    Returns the crop [R, R, 3] and the face in crop coordinates."""
     height, width = image.shape[:2]
     x1, y1, x2, y2 = face.box
     side = max(x2 - x1, y2 - y1) * context
@@ -49,36 +51,36 @@ def _square_crop(
     grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1).unsqueeze(0)
     photo = image.permute(2, 0, 1).unsqueeze(0).float()
     crop = F.grid_sample(photo, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return crop[0].permute(1, 2, 0).clamp(0, 1), (resolution / side, x0, y0)
-
-
-def _in_crop(face: DetectedFace, transform: tuple) -> DetectedFace:
-    scale, x0, y0 = transform
-    x1, y1, x2, y2 = face.box
-    box = ((x1 - x0) * scale, (y1 - y0) * scale, (x2 - x0) * scale, (y2 - y0) * scale)
-    landmarks = tuple(((x - x0) * scale, (y - y0) * scale) for x, y in face.landmarks)
-    return DetectedFace(box=box, landmarks=landmarks, probability=face.probability)
+    scale = resolution / side
+    in_crop = face.mapped(lambda x, y: ((x - x0) * scale, (y - y0) * scale))
+    return crop[0].permute(1, 2, 0).clamp(0, 1), in_crop
 
 
 def prepare_personalization_data(
     images: ImageBatch,
-    facenet: torch.nn.Module,
+    facenet: FaceNet | torch.nn.Module,
     resolution: int = 512,
     threshold: float = 0.9,
     context: float = 2.0,
+    face_index: int = 0,
 ) -> PersonalizationData:
-    """Detect, crop and embed the reference photos; build each one's whole-face mask."""
+    """Detect, crop and embed the reference photos (the `face_index`-th face of each, in
+    largest-first order); build each one's whole-face mask."""
     if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] == 0:
         raise PVAError("reference_images: the batch is empty; connect at least one photo of the person.")
     photos = image_list(images)
-    faces = detect_faces(images, threshold=threshold)
+    embedded = embed_photos(
+        photos,
+        facenet,
+        detection=DetectionSettings(threshold=threshold),
+        selection=(face_index,),
+        mirrored=True,
+    )
     crops, masks = [], []
-    for photo, face in zip(photos, faces, strict=True):
-        crop, transform = _square_crop(photo, face, resolution, context)
+    for i, face in embedded.faces.pairs():
+        crop, in_crop = square_crop(photos[i], face, resolution, context)
         crops.append(crop)
-        masks.append(face_region_mask(_in_crop(face, transform), resolution, resolution))
-    aligned = align_faces(images, faces)
-    device = next(facenet.parameters()).device
-    embeddings = embed_faces(facenet, aligned.to(device)).cpu()
-    flipped = embed_faces(facenet, aligned.flip(-1).to(device)).cpu()
-    return PersonalizationData(torch.stack(crops), torch.stack(masks).float(), embeddings, flipped)
+        masks.append(region_mask(in_crop, "whole face", resolution, resolution))
+    return PersonalizationData(
+        torch.stack(crops), torch.stack(masks).float(), embedded.embeddings, embedded.mirrored
+    )

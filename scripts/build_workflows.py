@@ -175,7 +175,7 @@ def identity(wf: Workflow, first_id: int, x: int, y: int, model: Link, pva: Link
     """Encode Identity -> Apply PVA Identity; returns the patched MODEL."""
     grp = wf.group("Identity (PVA)", PURPLE)
     ident = wf.add(first_id, "PVAEncodeIdentity", (x, y), size=(320, 130), group=grp,
-                   pva_model=pva, facenet=facenet, reference_images=refs, detection_threshold=0.9, face_index=-1)  # fmt: skip
+                   facenet=facenet, reference_images=refs, detection_threshold=0.9, face_index=0)  # fmt: skip
     apply = wf.add(first_id + 1, "PVAApply", (x, y + 190), size=(320, 210), group=grp,
                    model=model, pva_model=pva, identity=ident[0], strength=strength, start_percent=start,
                    end_percent=end, apply_to="positive")  # fmt: skip
@@ -292,7 +292,7 @@ shown in the Preview Image node.
                       model=ckpt[0], vae=ckpt[2], clip=ckpt[1], facenet=facenet[0], reference_images=refs,
                       prompt="a photo of a person", steps=40, learning_rate=1e-4, batch_size=1, time_bins=4,
                       resolution=512, seed=0, train="both", gradient_checkpointing=False, mixed_precision="auto",
-                      detection_threshold=0.9, pva_model=init[0])  # fmt: skip
+                      detection_threshold=0.9, face_index=0, pva_model=init[0])  # fmt: skip
     wf.add(
         12,
         "PVASaveModel",

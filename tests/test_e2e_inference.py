@@ -139,11 +139,10 @@ def inpaint_prompt(
         prompt["identity"] = {
             "class_type": "PVAEncodeIdentity",
             "inputs": {
-                "pva_model": ["pva_init", 0],
                 "facenet": ["facenet", 0],
                 "reference_images": batch,
                 "detection_threshold": 0.9,
-                "face_index": -1,
+                "face_index": 0,
             },
         }
         prompt["apply"] = {

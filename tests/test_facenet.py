@@ -9,7 +9,7 @@ from facenet_pytorch import InceptionResnetV1
 from safetensors.torch import save_file
 
 from pva.errors import PVAError, PVAWeightsError
-from pva.facenet import embed_faces, load_facenet
+from pva.facenet import FaceNet, embed_faces, load_facenet
 
 HINT = "put the FaceNet VGGFace2 weights (20180402-114759-vggface2.pt) in ComfyUI/models/facenet/"
 
@@ -47,25 +47,41 @@ def crops() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def loaded(weight_files) -> InceptionResnetV1:
-    return load_facenet(weight_files["pt"])
+    return load_facenet(weight_files["pt"]).model
 
 
-def test_loads_both_formats_and_embeds(loaded, weight_files, reference, crops):
-    from_pt = loaded
+def test_loads_both_formats_and_embeds(weight_files, reference, crops):
+    from_pt = load_facenet(weight_files["pt"])
     from_st = load_facenet(str(weight_files["safetensors"]))
-    for model in (from_pt, from_st):
-        assert isinstance(model, InceptionResnetV1)
-        assert not model.training
-        assert not any(p.requires_grad for p in model.parameters())
-        assert not hasattr(model, "logits")
+    for facenet in (from_pt, from_st):
+        assert isinstance(facenet, FaceNet) and isinstance(facenet.model, InceptionResnetV1)
+        assert not facenet.model.training
+        assert not any(p.requires_grad for p in facenet.model.parameters())
+        assert not hasattr(facenet.model, "logits")
 
-    emb_pt = embed_faces(from_pt, crops)
-    emb_st = embed_faces(from_st, crops)
+    emb_pt = from_pt.embed(crops)
+    emb_st = from_st.embed(crops)
     assert emb_pt.shape == (3, 512) and emb_pt.dtype == torch.float32
     torch.testing.assert_close(emb_pt.norm(dim=1), torch.ones(3))
     torch.testing.assert_close(emb_pt, emb_st, rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(emb_pt, reference(crops), rtol=1e-5, atol=1e-5)
+
+
+def test_comfyui_manages_its_memory(weight_files, crops):
+    """FaceNet is a ComfyUI-managed model, as core's CLIP vision is: embedding loads it through
+    model management (which counts its size and can offload it when another model needs room)."""
+    import comfy.model_management as mm
+
+    facenet = load_facenet(weight_files["pt"])
+    size = sum(t.numel() * t.element_size() for t in facenet.model.state_dict().values())
+    assert facenet.patcher.model is facenet.model
+    assert abs(facenet.patcher.model_size() - size) < 0.01 * size
+    assert not any(m.model is facenet.patcher for m in mm.current_loaded_models)
+    facenet.embed(crops[:1])
+    assert any(m.model is facenet.patcher for m in mm.current_loaded_models)
+    mm.unload_all_models()
+    assert not any(m.model is facenet.patcher for m in mm.current_loaded_models)
 
 
 def test_embeds_on_the_models_dtype(loaded, crops):
@@ -163,4 +179,4 @@ def test_batchnorm_counters_are_optional(reference, crops, tmp_path):
     path = tmp_path / "no-counters.safetensors"
     save_file(state, str(path))
     with torch.no_grad():
-        torch.testing.assert_close(embed_faces(load_facenet(path), crops), reference(crops))
+        torch.testing.assert_close(load_facenet(path).embed(crops), reference(crops))

@@ -1,0 +1,68 @@
+"""Real face photos that ship inside installed packages (no download needed).
+
+- scikit-image's `astronaut()` (a dev tool of this repository).
+- Portraits from ComfyUI's own workflow-template packages (comfyui-workflow-templates, pinned by
+  ComfyUI's requirements.txt, so every ComfyUI install has them). Two pairs show the same person
+  twice: an inpainting example (before/after) and an editing example (before/after).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# name -> (package, file inside the package)
+TEMPLATE_PHOTOS = {
+    "freckles": ("comfyui_workflow_templates_media_image", "templates/flux_dev_checkpoint_example-1.webp"),
+    "lilac": ("comfyui_workflow_templates_media_other", "templates/2_pass_pose_worship-1.webp"),
+    "sparkle": ("comfyui_workflow_templates_media_other", "templates/sd3.5_simple_example-1.webp"),
+    "veil": ("comfyui_workflow_templates_media_other", "templates/hidream_i1_dev-1.webp"),
+    "harbour": ("comfyui_workflow_templates_media_other", "templates/image_z_image_turbo-1.webp"),
+    "turtleneck": ("comfyui_workflow_templates_media_image", "templates/flux1_krea_dev-1.webp"),
+    "wheat_before": ("comfyui_workflow_templates_media_image", "templates/flux_fill_inpaint_example-1.webp"),
+    "wheat_after": ("comfyui_workflow_templates_media_image", "templates/flux_fill_inpaint_example-2.webp"),
+    "flowers_before": ("comfyui_workflow_templates_media_other", "templates/hidream_e1_1-1.webp"),
+    "flowers_after": ("comfyui_workflow_templates_media_other", "templates/hidream_e1_1-2.webp"),
+    # a woman at a desk with a framed portrait behind her: two faces, one much smaller
+    "desk_two_faces": ("comfyui_workflow_templates_media_other", "templates/embedding_example-1.webp"),
+}
+# One face each, all different people (the pairs above are represented once).
+SINGLE_PORTRAITS = (
+    "astronaut",
+    "freckles",
+    "lilac",
+    "sparkle",
+    "veil",
+    "harbour",
+    "turtleneck",
+    "wheat_before",
+)
+SAME_PERSON_PAIRS = (("wheat_before", "wheat_after"), ("flowers_before", "flowers_after"))
+
+
+def template_photo_path(name: str) -> Path:
+    package, inner = TEMPLATE_PHOTOS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"{package} is not installed: it comes with ComfyUI's requirements.txt (run scripts/dev-setup)."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / inner
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing from {package}; its version differs from the one tested.")
+    return path
+
+
+@cache
+def portrait(name: str) -> np.ndarray:
+    """[H, W, 3] uint8 RGB."""
+    if name == "astronaut":
+        from skimage import data
+
+        return np.ascontiguousarray(data.astronaut())
+    with Image.open(template_photo_path(name)) as image:
+        return np.asarray(image.convert("RGB")).copy()
