@@ -8,7 +8,6 @@ provenance (json).
 
 import json
 import os
-import uuid
 from pathlib import Path
 
 import safetensors
@@ -16,6 +15,7 @@ import safetensors.torch
 import torch
 
 from .errors import PVAWeightsError
+from .files import write_atomically
 from .identity_encoder import IdentityEncoder
 from .layers import LayerSpec
 from .model import PVAModel
@@ -55,22 +55,10 @@ def save_pva(pva: PVAModel, path: str | os.PathLike, overwrite: bool = False) ->
         raise PVAWeightsError(
             f"{path.name} already exists in {path.parent}; choose another name or allow overwriting."
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.stem}-{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        # A file made by open() has the permissions the user's umask gives; safetensors writes
-        # 0600 files, which other users of a shared ComfyUI could not read.
-        open(temp, "xb").close()
-        mode = temp.stat().st_mode & 0o777
-        safetensors.torch.save_file(state_dict_for_file(pva), str(temp), metadata=metadata_for_file(pva))
-        os.chmod(temp, mode)
-        with open(temp, "rb") as written:
-            os.fsync(written.fileno())  # on disk before it takes the final name
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return path
+    tensors, metadata = state_dict_for_file(pva), metadata_for_file(pva)
+    return write_atomically(
+        path, lambda temp: safetensors.torch.save_file(tensors, str(temp), metadata=metadata)
+    )
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

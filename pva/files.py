@@ -1,0 +1,42 @@
+"""Files a user keeps are never half-written: everything goes to a temporary file (or folder)
+beside the target, is flushed to disk, and takes the final name in one rename."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as written:
+        os.fsync(written.fileno())
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call `write(temporary path)`, then rename it to `path`. On any failure (an interrupt
+    included) the temporary file is removed and an existing `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}-{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        # A file made by open() has the permissions the user's umask gives; some writers
+        # (safetensors) create 0600 files that other users of a shared ComfyUI could not read.
+        open(temp, "xb").close()
+        mode = temp.stat().st_mode & 0o777
+        write(temp)
+        os.chmod(temp, mode)
+        _fsync(temp)  # on disk before it takes the final name
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomically(path: str | os.PathLike, data: object) -> Path:
+    return write_atomically(
+        path, lambda temp: temp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    )
