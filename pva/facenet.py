@@ -77,7 +77,14 @@ class FaceNet:
 
 
 def load_facenet(path: str | os.PathLike) -> FaceNet:
-    """FaceNet (512-d embeddings) from a local .pt or .safetensors, frozen, in eval mode."""
+    """FaceNet (512-d embeddings) from a local .pt or .safetensors, frozen, in eval mode, under
+    ComfyUI's model management."""
+    return FaceNet(load_facenet_model(path))
+
+
+def load_facenet_model(path: str | os.PathLike) -> InceptionResnetV1:
+    """The bare InceptionResnetV1 from a local .pt or .safetensors (scripts that run without
+    ComfyUI's model management, e.g. dataset preprocessing workers)."""
     path = Path(path)
     if not path.is_file():
         raise PVAWeightsError(f"FaceNet weights file {path} not found: {WEIGHTS_HINT}.")
@@ -112,7 +119,7 @@ def load_facenet(path: str | os.PathLike) -> FaceNet:
         )
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
     model.eval().requires_grad_(False)
-    return FaceNet(model)
+    return model
 
 
 def embed_faces(facenet: torch.nn.Module, crops: torch.Tensor, grad: bool = False) -> torch.Tensor:

@@ -20,6 +20,7 @@ class IdentityEncoder(nn.Module):
         dropout: float = 0.1,
     ):
         super().__init__()
+        # `dropout` is a training setting, not part of the saved architecture
         self.config = dict(
             context_dim=context_dim,
             num_tokens=num_tokens,
@@ -38,15 +39,33 @@ class IdentityEncoder(nn.Module):
         )
         self.position = nn.Parameter(torch.zeros(num_tokens, context_dim))
 
+    def set_dropout(self, p: float) -> None:
+        """Dropout probability everywhere in the transformer: its Dropout modules and the
+        attention weights' dropout, which nn.MultiheadAttention keeps as a plain float."""
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+            elif isinstance(module, nn.MultiheadAttention):
+                module.dropout = p
+
     @property
     def num_tokens(self) -> int:
         return self.queries.shape[0]
 
-    def forward(self, face_embeddings: torch.Tensor) -> torch.Tensor:
-        """[N, face_dim] or [B, N, face_dim] -> [B, M, context_dim] (B = 1 for 2-d input)."""
+    def forward(
+        self, face_embeddings: torch.Tensor, reference_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[N, face_dim] or [B, N, face_dim] -> [B, M, context_dim] (B = 1 for 2-d input).
+
+        reference_mask: [B, N] bool, False where a row is padding (samples of a training batch
+        have different numbers of references); padded rows are not attended to."""
         if face_embeddings.dim() == 2:
             face_embeddings = face_embeddings.unsqueeze(0)
         faces = self.face_projection(face_embeddings.to(self.queries.dtype))
         queries = self.queries.unsqueeze(0).expand(faces.shape[0], -1, -1)
-        encoded = self.transformer(torch.cat([faces, queries], dim=1))
+        padding = None
+        if reference_mask is not None:
+            queries_kept = torch.ones(queries.shape[:2], dtype=torch.bool, device=faces.device)
+            padding = ~torch.cat([reference_mask.to(faces.device, torch.bool), queries_kept], dim=1)
+        encoded = self.transformer(torch.cat([faces, queries], dim=1), src_key_padding_mask=padding)
         return encoded[:, -self.num_tokens :] + self.position

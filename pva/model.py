@@ -13,6 +13,9 @@ from .layers import LayerSpec, family_label, find_cross_attention_layers
 if TYPE_CHECKING:
     from comfy.model_patcher import ModelPatcher
 
+# What a training run may update: the identity encoder, the parallel projections, or both.
+TRAINABLE = ("both", "identity_encoder", "projections")
+
 
 class ParallelProjections(nn.Module):
     """W'q, W'k, W'v of one layer (no bias, like the layer's own Wq, Wk, Wv)."""

@@ -36,7 +36,17 @@ class IdentityStream:
     sigma_end: float = 0.0
     scope: str = "positive"  # "positive": cond branch only; "both": cond and uncond
     region: torch.Tensor | None = None  # [Bm, H, W] mask, 1 = identity applies
+    # Training only: which samples of the batch see the identity (identity-token dropout, so
+    # the model also learns the no-identity branch CFG needs). None: all of them.
+    keep: torch.Tensor | None = None  # [B] bool
     _cache: dict = field(default_factory=dict, repr=False)
+
+    def set_training_batch(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """A trainer's tokens ([1 or B, M, C]) and identity dropout ([B] bool) for the next step."""
+        self.tokens = tokens
+        self.keep = keep
+        for key in [k for k in self._cache if isinstance(k, tuple) and k[0] == "bias"]:
+            del self._cache[key]
 
     def is_active(self, transformer_options: dict) -> bool:
         if self.strength <= 0:
@@ -112,6 +122,10 @@ class IdentityStream:
                 terms.append(torch.where(per_sample, 0.0, -math.inf).view(batch, 1, 1, 1))
         if grid is not None:
             terms.append(self._region_at(batch, grid, device).log())
+        if self.keep is not None:
+            if self.keep.shape[0] != batch:
+                raise PVAError(f"identity dropout: {self.keep.shape[0]} flags for a batch of {batch}.")
+            terms.append(torch.where(self.keep.to(device), 0.0, -math.inf).view(batch, 1, 1, 1))
         if not terms:
             return None
         bias = terms[0]

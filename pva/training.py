@@ -20,7 +20,7 @@ import torch
 import torch.utils.checkpoint
 
 from .errors import PVAError
-from .model import PVAModel
+from .model import TRAINABLE, PVAModel
 from .patching import apply_identity, check_compatible
 from .training_data import PersonalizationData
 
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from comfy.model_patcher import ModelPatcher
     from comfy.sd import VAE
 
-TRAINABLE = ("both", "identity_encoder", "projections")
 # Memory a training step needs for the backward pass, per sample and latent position at 4 bytes
 # per value, without / with gradient checkpointing. The SD1.5-inpainting UNet saves 529 / 38 KiB
 # (autograd's saved tensors, fp32, 256 px, 4 time bins); the rest is headroom for the backward's
@@ -98,41 +97,60 @@ def encode_inpaint_targets(
     return targets
 
 
-class Personalizer:
-    """One personalization run. Use as a context manager: entering loads and prepares the
-    model for training, leaving restores it whatever happened."""
+def stratified_sigmas(sampling, bins: int, generator: torch.Generator, groups: int = 1) -> torch.Tensor:  # noqa: ANN001
+    """Time-stratified noise levels: for each of `groups` samples, one timestep from each of `bins`
+    equal bins of the model's training schedule, [groups * bins] sample-major.
+
+    Drawn from the schedule's own sigma table in timestep order, so discrete (SD) schedules and
+    the continuous EDM / v ones (e.g. Playground v2.5, CosXL) alike get valid noise levels."""
+    table = sampling.sigmas
+    offsets = torch.rand(groups * bins, generator=generator)
+    steps = ((torch.arange(bins).repeat(groups) + offsets) * (table.shape[0] / bins)).long()
+    return table[steps.clamp(max=table.shape[0] - 1).to(table.device)]
+
+
+class TrainingSession:
+    """A MODEL prepared for training PVA parameters, and the one denoising loss that quick
+    personalization and pretraining share. Use as a context manager: entering loads the
+    model (ComfyUI's model management) and freezes its weights, leaving restores it whatever
+    happened.
+
+    The loss runs through ComfyUI's own code path: its inpaint conditioning (process_conds), its
+    cond batching (calc_cond_batch with the MODEL's model_options, so attention patches and
+    wrappers act as in sampling), and its noise scaling."""
 
     def __init__(
         self,
         model_patcher: "ModelPatcher",
         pva: PVAModel,
-        data: PersonalizationData,
-        targets: list,
-        settings: TrainingSettings,
+        train: str = "both",
+        gradient_checkpointing: bool = False,
+        mixed_precision: str = "auto",
     ):
-        settings.validate()
         check_compatible(pva, model_patcher)
         # An inpainting model gets the paper's whole-latent loss; a regular model learns the face region only.
         self.masked_loss = model_patcher.model.model_config.unet_config.get("in_channels", 4) <= 4
-        self.settings = settings
-        self.data = data
         self.pva = pva
-        self.targets = targets
-        tokens = pva.encode(data.references_for(0))
-        self.patched = apply_identity(model_patcher, pva, tokens, scope="both")
+        self.train_which = train
+        self.gradient_checkpointing = gradient_checkpointing
+        self.mixed_precision = mixed_precision
+        placeholder = torch.zeros(1, pva.num_tokens, pva.context_dim)
+        self.patched = apply_identity(model_patcher, pva, placeholder, scope="both")
         self.stream = self.patched.get_model_object(f"diffusion_model.{pva.layers[0].name}").pva_streams[-1]
         self._restore: list[Callable[[], None]] = []
 
-    # -- entering and leaving ---------------------------------------------------------------
+    # -- memory ---------------------------------------------------------------------------------
+    def activation_positions(self) -> int:
+        """Latent positions one forward pass trains on (batch x height x width)."""
+        raise NotImplementedError
+
     def activation_memory(self) -> int:
         """Estimated bytes of what a training step keeps for the backward pass."""
-        _, latent = self.targets[0]
-        positions = self.settings.time_bins * latent.shape[-2] * latent.shape[-1]
-        per_position = ACTIVATION_BYTES_PER_POSITION[self.settings.gradient_checkpointing]
+        per_position = ACTIVATION_BYTES_PER_POSITION[self.gradient_checkpointing]
         model = self.patched.model
         dtype = model.manual_cast_dtype or model.get_dtype()
         bytes_per_value = 2 if self._uses_bf16() else comfy.model_management.dtype_size(dtype)
-        return int(positions * per_position * bytes_per_value / 4)
+        return int(self.activation_positions() * per_position * bytes_per_value / 4)
 
     def training_memory(self) -> int:
         """Bytes the run needs on the device besides the UNet's weights: activations, the PVA
@@ -141,7 +159,8 @@ class Personalizer:
         frozen = sum(p.numel() for p in self.pva.parameters()) - trainable
         return self.activation_memory() + 16 * trainable + 4 * frozen
 
-    def __enter__(self) -> "Personalizer":
+    # -- entering and leaving ---------------------------------------------------------------
+    def __enter__(self) -> "TrainingSession":
         try:
             # ComfyUI frees other models for the training activations and, when VRAM is still
             # short, loads the UNet partially (weights streamed per layer; gradients unchanged).
@@ -151,19 +170,10 @@ class Personalizer:
             self.device = self.patched.load_device
             diffusion_model = self.patched.model.diffusion_model
             self._freeze_base(diffusion_model)
-            if self.settings.gradient_checkpointing:
+            if self.gradient_checkpointing:
                 self._checkpoint_blocks(diffusion_model)
             self.pva.to(self.device).train()
             self._set_trainable()
-            self.targets = [(_plain(cond), _plain(latent)) for cond, latent in self.targets]
-            # clean latents in the model's own latent space, once for the whole run
-            self.latents = [
-                self.patched.model.process_latent_in(latent.to(self.device)) for _, latent in self.targets
-            ]
-            self.conds = [
-                self._model_conds(cond, latent)
-                for (cond, _), latent in zip(self.targets, self.latents, strict=True)
-            ]
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -174,7 +184,7 @@ class Personalizer:
             undo()
         self._restore.clear()
         self.pva.to("cpu").eval().requires_grad_(False)
-        self.stream.tokens = self.stream.tokens.detach().cpu()
+        self.stream.set_training_batch(self.stream.tokens.detach().cpu())
         _unload(self.patched)
         comfy.model_management.soft_empty_cache()
 
@@ -233,9 +243,9 @@ class Personalizer:
 
     def _trained_modules(self) -> list[torch.nn.Module]:
         modules = []
-        if self.settings.train in ("both", "identity_encoder"):
+        if self.train_which in ("both", "identity_encoder"):
             modules.append(self.pva.identity_encoder)
-        if self.settings.train in ("both", "projections"):
+        if self.train_which in ("both", "projections"):
             modules.append(self.pva.projections)
         return modules
 
@@ -245,10 +255,11 @@ class Personalizer:
             module.requires_grad_(True)
         self.parameters = [p for p in self.pva.parameters() if p.requires_grad]
 
-    def _model_conds(self, cond: list, latent: torch.Tensor) -> list:
-        """ComfyUI's own processing of a conditioning (inpaint concat etc.) for this
-        (model-space) latent."""
-        noise = torch.zeros((self.settings.time_bins,) + tuple(latent.shape[1:]), device=self.device)
+    # -- the loss ---------------------------------------------------------------------------
+    def model_conds(self, cond: list, latent: torch.Tensor, batch: int) -> list:
+        """ComfyUI's own processing of a conditioning (inpaint concat etc.) for a batch of
+        `batch` noisy latents of `latent`'s (model-space) shape."""
+        noise = torch.zeros((batch,) + tuple(latent.shape[1:]), device=self.device)
         processed = comfy.samplers.process_conds(
             self.patched.model,
             noise,
@@ -260,51 +271,118 @@ class Personalizer:
         )
         return processed["positive"]
 
-    # -- the loss ---------------------------------------------------------------------------
-    def loss(self, target: int, generator: torch.Generator, face_only: bool | None = None) -> torch.Tensor:
-        """Denoising loss of one target at K stratified noise levels (one from each of K equal
-        bins of the model's 1000 training timesteps), as noise-prediction MSE; over the face
-        region only when `face_only` (default: only for a regular, non-inpainting model)."""
-        bins = self.settings.time_bins
+    def loss(
+        self,
+        conds: list,
+        x0: torch.Tensor,
+        sigmas: torch.Tensor,
+        noise: torch.Tensor,
+        tokens: torch.Tensor,
+        keep: torch.Tensor | None = None,
+        face_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The denoising loss of PVA: noise-prediction MSE of the MODEL with `tokens` as the
+        identity ([1 or N, M, C]; `keep` drops it per sample), over the whole latent, or
+        weighted by `face_weight` ([N or 1, 1, h, w]) to learn one region only.
+
+        x0, noise: [N, C, h, w] clean (model-space) latents and their noise; sigmas: [N]."""
         sampling = self.patched.get_model_object("model_sampling")
-        # The schedule's noise levels in timestep order: discrete (SD) schedules and the
-        # continuous EDM / v ones (e.g. Playground v2.5, CosXL) alike.
-        table = sampling.sigmas
-        offsets = torch.rand(bins, generator=generator)
-        steps = (
-            ((torch.arange(bins) + offsets) * (table.shape[0] / bins)).long().clamp(max=table.shape[0] - 1)
-        )
-        sigmas = table[steps.to(table.device)].to(self.device)
-        x0 = self.latents[target].expand(bins, -1, -1, -1)
-        noise = torch.randn(x0.shape, generator=generator).to(self.device)
         x_t = sampling.noise_scaling(sigmas, noise, x0)
-        self.stream.tokens = self.pva.identity_encoder(self.data.references_for(target).to(self.device))
-        with self._autocast():
-            denoised = comfy.samplers.calc_cond_batch(
-                self.patched.model, [self.conds[target]], x_t, sigmas, self.patched.model_options
-            )[0]
+        denoised = self.denoise(conds, x_t, sigmas, tokens, keep)
         # for noise-scaled models x_t = x0 + sigma * noise, so the predicted noise is
         # (x_t - denoised) / sigma and its error is (x0 - denoised) / sigma
         error = (denoised.float() - x0.float()) / sigmas.float().view(-1, 1, 1, 1)
-        face_only = self.masked_loss if face_only is None else face_only
-        if face_only:
-            weight = torch.nn.functional.interpolate(
-                self.data.masks[target][None, None].to(self.device), x0.shape[-2:]
-            )
-            return (error.pow(2) * weight).sum() / (weight.sum() * error.shape[0] * error.shape[1]).clamp(
-                min=1
-            )
+        if face_weight is not None:
+            weight = face_weight.to(error.device, error.dtype).expand(error.shape[0], 1, *error.shape[2:])
+            return (error.pow(2) * weight).sum() / (weight.sum() * error.shape[1]).clamp(min=1)
         return error.pow(2).mean()
+
+    def denoise(
+        self,
+        conds: list,
+        x_t: torch.Tensor,
+        sigmas: torch.Tensor,
+        tokens: torch.Tensor,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The MODEL's denoised prediction of noisy latents x_t at noise levels `sigmas`."""
+        self.stream.set_training_batch(tokens, keep)
+        with self._autocast():
+            return comfy.samplers.calc_cond_batch(
+                self.patched.model, [conds], x_t, sigmas, self.patched.model_options
+            )[0]
 
     def _uses_bf16(self) -> bool:
         return (
-            self.settings.mixed_precision == "auto"
+            self.mixed_precision == "auto"
             and self.patched.load_device.type == "cuda"
             and torch.cuda.is_bf16_supported(including_emulation=False)  # not on T4/V100/RTX 20xx
         )
 
     def _autocast(self):  # noqa: ANN202
         return torch.autocast("cuda", dtype=torch.bfloat16) if self._uses_bf16() else nullcontext()
+
+
+class Personalizer(TrainingSession):
+    """One quick-personalization run: each reference in turn is the target, the others (or its
+    mirror image) its references."""
+
+    def __init__(
+        self,
+        model_patcher: "ModelPatcher",
+        pva: PVAModel,
+        data: PersonalizationData,
+        targets: list,
+        settings: TrainingSettings,
+    ):
+        settings.validate()
+        super().__init__(
+            model_patcher, pva, settings.train, settings.gradient_checkpointing, settings.mixed_precision
+        )
+        self.settings = settings
+        self.data = data
+        self.targets = targets
+
+    def activation_positions(self) -> int:
+        _, latent = self.targets[0]
+        return self.settings.time_bins * latent.shape[-2] * latent.shape[-1]
+
+    def __enter__(self) -> "Personalizer":
+        super().__enter__()
+        try:
+            self.targets = [(_plain(cond), _plain(latent)) for cond, latent in self.targets]
+            # clean latents in the model's own latent space, once for the whole run
+            self.latents = [
+                self.patched.model.process_latent_in(latent.to(self.device)) for _, latent in self.targets
+            ]
+            self.conds = [
+                self.model_conds(cond, latent, self.settings.time_bins)
+                for (cond, _), latent in zip(self.targets, self.latents, strict=True)
+            ]
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def target_loss(
+        self, target: int, generator: torch.Generator, face_only: bool | None = None
+    ) -> torch.Tensor:
+        """Denoising loss of one target at K stratified noise levels (time-stratified
+        resampling), over the face region only when `face_only` (default: only for a
+        regular, non-inpainting model)."""
+        bins = self.settings.time_bins
+        sampling = self.patched.get_model_object("model_sampling")
+        sigmas = stratified_sigmas(sampling, bins, generator).to(self.device)
+        x0 = self.latents[target].expand(bins, -1, -1, -1)
+        noise = torch.randn(x0.shape, generator=generator).to(self.device)
+        tokens = self.pva.identity_encoder(self.data.references_for(target).to(self.device))
+        face_only = self.masked_loss if face_only is None else face_only
+        weight = None
+        if face_only:
+            weight = torch.nn.functional.interpolate(
+                self.data.masks[target][None, None].to(self.device), x0.shape[-2:]
+            )
+        return self.loss(self.conds[target], x0, sigmas, noise, tokens, face_weight=weight)
 
     def train(self, on_step: Callable[[int, float], None] | None = None) -> list[float]:
         settings = self.settings
@@ -317,7 +395,7 @@ class Personalizer:
             total = 0.0
             for j in range(settings.batch_size):
                 target = (step * settings.batch_size + j) % self.data.count  # rotate the references
-                loss = self.loss(target, generator) / settings.batch_size
+                loss = self.target_loss(target, generator) / settings.batch_size
                 loss.backward()
                 total += loss.item()
             if not math.isfinite(total):
@@ -339,7 +417,9 @@ class Personalizer:
         self.pva.eval()
         try:
             generator = torch.Generator().manual_seed(seed)
-            return sum(self.loss(target, generator, face_only).item() for _ in range(repeats)) / repeats
+            return (
+                sum(self.target_loss(target, generator, face_only).item() for _ in range(repeats)) / repeats
+            )
         finally:
             self.pva.train()
 

@@ -1,5 +1,6 @@
 """Quick-personalization data: each reference in turn is the target, the others its references."""
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -44,14 +45,24 @@ def square_crop(
     side = min(side, max(height, width))
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     x0, y0 = cx - side / 2, cy - side / 2
-    # grid_sample coordinates in [-1, 1] of the photo (align_corners=False)
-    steps = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution * side
-    gx = (x0 + steps) / width * 2 - 1
-    gy = (y0 + steps) / height * 2 - 1
-    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1).unsqueeze(0)
-    photo = image.permute(2, 0, 1).unsqueeze(0).float()
-    crop = F.grid_sample(photo, grid, mode="bilinear", padding_mode="border", align_corners=False)
     scale = resolution / side
+    photo = image.permute(2, 0, 1).unsqueeze(0).float()
+    # Sampling positions in the source: the photo itself, or when shrinking a lot, the region the
+    # crop reads, first shrunk with antialiasing (bilinear sampling alone would alias).
+    left, top, step_x, step_y = 0.0, 0.0, 1.0, 1.0
+    if scale < 0.75:
+        left, top = max(math.floor(x0) - 1, 0), max(math.floor(y0) - 1, 0)
+        right, bottom = min(math.ceil(x0 + side) + 1, width), min(math.ceil(y0 + side) + 1, height)
+        region = photo[:, :, top:bottom, left:right]
+        size = (max(1, round((bottom - top) * scale * 1.25)), max(1, round((right - left) * scale * 1.25)))
+        photo = F.interpolate(region, size=size, mode="bilinear", antialias=True, align_corners=False)
+        step_x, step_y = size[1] / (right - left), size[0] / (bottom - top)
+    # grid_sample coordinates in [-1, 1] of the source (align_corners=False)
+    steps = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution * side
+    gx = (x0 + steps - left) * step_x / photo.shape[-1] * 2 - 1
+    gy = (y0 + steps - top) * step_y / photo.shape[-2] * 2 - 1
+    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1).unsqueeze(0)
+    crop = F.grid_sample(photo, grid, mode="bilinear", padding_mode="border", align_corners=False)
     in_crop = face.mapped(lambda x, y: ((x - x0) * scale, (y - y0) * scale))
     return crop[0].permute(1, 2, 0).clamp(0, 1), in_crop
 
