@@ -1,0 +1,580 @@
+"""Pretraining a PVA model on many people with HuggingFace accelerate (one GPU, several, or
+several machines), so that quick personalization starts from an identity encoder and parallel
+projections that already know what a face embedding says about a face.
+
+The frozen base is a ComfyUI MODEL (from ComfyUI's own checkpoint loader), and the loss is the
+one quick personalization uses (`TrainingSession.loss`: ComfyUI's inpaint conditioning and cond
+batching, time-stratified noise levels). What trains: the identity encoder and the parallel
+projections (stage 1), and FaceNet too with stage 2.
+
+Distributed training: the module DDP wraps (`PretrainingStep`) computes the *whole* loss, the
+frozen UNet's forward included, so the hooks that average gradients across processes fire for
+every trainable parameter. (Wrapping only the small trainable module while calling the UNet
+outside it would let every process train its own copy, silently.)
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import comfy.model_management
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .checkpoints import STATE_FORMAT, find_checkpoint, read_state, save_checkpoint
+from .datasets import FaceDataset
+from .errors import PVAError
+from .files import write_atomically
+from .model import PVAModel
+from .patching import check_compatible
+from .preprocess import PersonFaces
+from .pretraining_config import PretrainingConfig
+from .pretraining_data import TEMPLATES, PretrainingSamples, StepSampler, collate
+from .text_cache import TextCache, TextEncoder
+from .training import TrainingSession, stratified_sigmas, training_mode
+from .weights import load_pva, save_pva
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from comfy.model_patcher import ModelPatcher
+    from comfy.sd import VAE
+
+
+@dataclass
+class Base:
+    """The frozen base: a ComfyUI MODEL, its VAE, and the text encoder for captions."""
+
+    model: ModelPatcher
+    vae: VAE
+    encode_text: TextEncoder
+    name: str
+    fingerprint: str  # changes with the text encoder (keys the text cache)
+
+
+def load_base(checkpoint: str | os.PathLike) -> Base:
+    """A checkpoint file through ComfyUI's own loader, as Load Checkpoint loads it."""
+    import comfy.sd
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise PVAError(f"checkpoint: {path} not found; give an SD1.x / SD2.x / SDXL checkpoint file.")
+    try:
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+            str(path), output_vae=True, output_clip=True
+        )
+    except Exception as error:  # ComfyUI raises plain RuntimeErrors for files it cannot read
+        raise PVAError(f"checkpoint: {path} cannot be loaded by ComfyUI ({error}).") from None
+    if model is None or clip is None or vae is None:
+        raise PVAError(f"checkpoint: {path} lacks a UNet, text encoder or VAE; give a full checkpoint.")
+
+    def encode(text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ((cond, extra),) = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        return cond, extra.get("pooled_output")
+
+    stat = path.stat()
+    return Base(model, vae, encode, path.name, f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
+
+
+class PretrainingStep(torch.nn.Module):
+    """The loss of one micro-batch as a module (what DDP wraps): identity tokens from the
+    references (FaceNet first, in stage 2), then the frozen UNet through the session's loss."""
+
+    def __init__(self, pva: PVAModel, facenet: torch.nn.Module | None = None):
+        super().__init__()
+        self.pva = pva
+        self.facenet = facenet
+
+    def bind(self, session: PretrainingSession) -> None:
+        object.__setattr__(self, "session", session)  # not a submodule: the UNet is frozen, never synced
+
+    def tokens(self, batch: dict) -> torch.Tensor:
+        """[B, M, C] identity tokens of each sample's references."""
+        references = batch["references"]
+        if self.facenet is not None:
+            from .facenet import embed_faces
+
+            crops = batch["reference_crops"]
+            references = embed_faces(self.facenet, crops.flatten(0, 1), grad=True).view(*crops.shape[:2], -1)
+        return self.pva.identity_encoder(references, batch["reference_mask"])
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        bins = batch["x0"].shape[0] // batch["references"].shape[0]
+        tokens = self.tokens(batch).repeat_interleave(bins, dim=0)
+        keep = batch["keep"].repeat_interleave(bins)
+        return self.session.loss(
+            batch["conds"],
+            batch["x0"],
+            batch["sigmas"],
+            batch["noise"],
+            tokens,
+            keep,
+            batch.get("face_weight"),
+        )
+
+
+class PretrainingSession(TrainingSession):
+    """The base MODEL prepared for pretraining, and the batches it trains on."""
+
+    def __init__(self, base: Base, pva: PVAModel, config: PretrainingConfig, texts: TextCache):
+        # accelerate's autocast (mixed_precision) covers the forward: no autocast of our own
+        super().__init__(base.model, pva, config.train, config.gradient_checkpointing, mixed_precision="none")
+        self.base, self.config, self.texts = base, config, texts
+
+    def activation_positions(self) -> int:
+        side = self.config.samples.resolution // 8
+        return self.config.batch_size * self.config.time_bins * side * side
+
+    def training_memory(self) -> int:
+        # The VAE encodes every batch while the UNet stays loaded: ask for its room up front, so
+        # ComfyUI need not unload the training UNet to make room for it later.
+        vae = self.base.vae
+        shape = (self.config.batch_size, 3, self.config.samples.resolution, self.config.samples.resolution)
+        return super().training_memory() + int(vae.memory_used_encode(shape, vae.vae_dtype))
+
+    def __enter__(self) -> PretrainingSession:
+        super().__enter__()
+        try:
+            comfy.model_management.load_models_gpu([self.patched, self.base.vae.patcher])
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def check_still_loaded(self) -> None:
+        """ComfyUI may unload a model to make room for another: training on an unpatched UNet
+        would learn nothing, silently."""
+        loaded = any(m.model is self.patched for m in comfy.model_management.current_loaded_models)
+        layer = self.patched.model.diffusion_model.get_submodule(self.pva.layers[0].name)
+        if not loaded or not hasattr(layer, "pva_streams"):
+            raise PVAError(
+                "ComfyUI unloaded the training UNet to make room for the VAE; lower batch_size or resolution, "
+                "or use gradient checkpointing, so that the UNet and the VAE fit on the GPU together."
+            )
+
+    @torch.no_grad()
+    def prepare(self, batch: dict, bins: int | None = None) -> dict:
+        """Everything the loss needs that does not train: ComfyUI's inpainting latents
+        (InpaintModelConditioning, the VAE), the cached text conditioning, and each sample's
+        K noise levels and noise (from its own seed)."""
+        import nodes  # ComfyUI's
+
+        bins, device = bins or self.config.time_bins, self.device
+        contexts, pooled = self.texts.lookup(batch["caption"])
+        positive = [[contexts, {} if pooled is None else {"pooled_output": pooled}]]
+        cond, _, latent = nodes.InpaintModelConditioning().encode(
+            positive, positive, batch["pixels"], self.base.vae, batch["mask"], noise_mask=True
+        )
+        self.check_still_loaded()
+        ((context, extra),) = cond
+
+        def each(t: torch.Tensor) -> torch.Tensor:  # sample-major: a sample's K copies side by side
+            return t.repeat_interleave(bins, dim=0)
+
+        extra = {k: each(v) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+        x0 = self.patched.model.process_latent_in(each(latent["samples"]).to(device))
+        sampling = self.patched.get_model_object("model_sampling")
+        sigmas, noise = [], []
+        for seed in batch["noise_seed"]:
+            generator = torch.Generator().manual_seed(seed)
+            sigmas.append(stratified_sigmas(sampling, bins, generator))
+            noise.append(torch.randn((bins, *x0.shape[1:]), generator=generator))
+        prepared = {
+            "conds": self.model_conds([[each(context), extra]], x0, x0.shape[0]),
+            "x0": x0,
+            "sigmas": torch.cat(sigmas).to(device),
+            "noise": torch.cat(noise).to(device),
+            **{
+                k: batch[k].to(device)
+                for k in ("references", "reference_mask", "keep", "reference_crops")
+                if k in batch
+            },
+        }
+        if self.masked_loss:  # a regular (non-inpainting) model learns the masked region only
+            weight = F.interpolate(batch["mask"][:, None].float(), x0.shape[-2:])
+            prepared["face_weight"] = each(weight).to(device)
+        return prepared
+
+
+@dataclass
+class PretrainingResult:
+    pva: PVAModel  # the exported weights (EMA when on), on the CPU
+    losses: list[float]
+    validation: list[dict]
+    output_dir: Path
+
+
+def pretrain(
+    config: PretrainingConfig,
+    base: Base,
+    dataset: FaceDataset,
+    faces: dict[str, PersonFaces],
+    accelerator: Accelerator,
+    facenet: torch.nn.Module | None = None,
+    resume: str | None = None,
+    init: str | os.PathLike | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> PretrainingResult:
+    """Pretrain (or continue pretraining) a PVA model; checkpoints go to config.output_dir.
+
+    faces: the preprocessing cache of the dataset (pva.preprocess.load_faces). facenet: the
+    FaceNet to fine-tune in stage 2. resume: 'latest' or a checkpoint folder. init: a PVA file
+    to start from (e.g. stage 1's result for stage 2). on_step(step, loss) after every step."""
+    config.validate()
+    accelerator.gradient_accumulation_steps = config.gradient_accumulation  # accumulate() follows it
+    output_dir = Path(config.output_dir)
+    _check_writable(output_dir)
+    train_people = [p for p in dataset.splits.get("train", ()) if p in faces]
+    val_people = [p for p in dataset.splits.get("val", ()) if p in faces]
+    if config.stage == 2 and facenet is None:
+        raise PVAError("stage 2 fine-tunes FaceNet: give the FaceNet weights (--facenet).")
+    samples = PretrainingSamples(
+        dataset, faces, train_people, replace(config.samples, with_crops=config.stage == 2), seed=config.seed
+    )
+    texts = _text_cache(output_dir, base, dataset, train_people + val_people, accelerator)
+
+    with training_mode():
+        pva = _starting_pva(base, config, init)
+        state, start_step = None, 0
+        if resume:
+            state = _resume_into(pva, facenet, base, output_dir, resume)
+            start_step = state["step"]
+        if facenet is not None:
+            facenet.eval().requires_grad_(config.stage == 2)  # BatchNorm statistics stay as pretrained
+        step_module = PretrainingStep(pva, facenet if config.stage == 2 else None)
+        with PretrainingSession(base, pva, config, texts) as session:
+            step_module.bind(session)
+            optimizer = _optimizer(pva, step_module.facenet, config, accelerator.num_processes)
+            schedule = _schedule(optimizer, config.warmup_steps)
+            model, optimizer = accelerator.prepare(step_module, optimizer)
+            run = _Run(config, accelerator, session, model, step_module, optimizer, schedule)
+            run.describe(dataset, faces, train_people, base)
+            if state is not None:
+                run.load_state(state)
+            if len(val_people) >= 2:
+                from .validation import validation_samples
+
+                run.held_out = validation_samples(dataset, faces, val_people, config)
+            elif accelerator.is_main_process:
+                print(
+                    "[PVA pretraining] no validation: the val split has fewer than 2 usable people.",
+                    flush=True,
+                )
+            loader = torch.utils.data.DataLoader(
+                samples,
+                batch_sampler=StepSampler(
+                    start_step,
+                    config.max_steps,
+                    config.batch_size,
+                    config.gradient_accumulation,
+                    accelerator.num_processes,
+                    accelerator.process_index,
+                ),
+                collate_fn=collate,
+                num_workers=config.loader_workers,
+            )
+            run.train(loader, start_step, on_step)
+            exported = run.exported()
+    return PretrainingResult(exported, run.losses, run.validation, output_dir)
+
+
+def _text_cache(
+    output_dir: Path, base: Base, dataset: FaceDataset, people: list[str], accelerator: Accelerator
+) -> TextCache:
+    captions = set(TEMPLATES)
+    for name in people:
+        captions |= {f"photo of a person, {p.caption}" for p in dataset.people[name].photos if p.caption}
+    path = output_dir / f"text-{hashlib.sha256(base.fingerprint.encode()).hexdigest()[:12]}.safetensors"
+    with accelerator.main_process_first():  # the main process encodes, the others then read
+        if accelerator.is_main_process:
+            return TextCache.build(path, captions, base.encode_text)
+    return TextCache(path)
+
+
+def _starting_pva(base: Base, config: PretrainingConfig, init: str | os.PathLike | None) -> PVAModel:
+    if init is not None:
+        pva = load_pva(init)
+        try:
+            check_compatible(pva, base.model)
+        except PVAError as error:
+            raise PVAError(f"--init: {init} does not fit the base model: {error}") from None
+    else:
+        pva = PVAModel.initialize_from(
+            base.model,
+            num_tokens=config.num_tokens,
+            seed=config.seed,
+            encoder_depth=config.encoder_depth,
+            encoder_heads=config.encoder_heads,
+        )
+    pva.identity_encoder.set_dropout(config.encoder_dropout)
+    return pva
+
+
+def _resume_into(
+    pva: PVAModel, facenet: torch.nn.Module | None, base: Base, output_dir: Path, resume: str
+) -> dict:
+    folder = find_checkpoint(output_dir, resume)
+    raw = folder / "pva-raw.safetensors"  # the trained weights when the export is an EMA
+    resumed = load_pva(raw if raw.is_file() else folder / "pva.safetensors")
+    try:
+        check_compatible(resumed, base.model)
+    except PVAError as error:
+        raise PVAError(f"--resume: {folder} does not fit the base model: {error}") from None
+    if resumed.num_tokens != pva.num_tokens or resumed.identity_encoder.config != pva.identity_encoder.config:
+        raise PVAError(
+            f"--resume: {folder} has another identity encoder ({resumed.identity_encoder.config})."
+        )
+    with torch.no_grad():
+        for target, source in zip(pva.parameters(), resumed.parameters(), strict=True):
+            target.copy_(source)
+    if facenet is not None and (folder / "facenet.safetensors").is_file():
+        facenet.load_state_dict(load_file(str(folder / "facenet.safetensors")))
+    return read_state(folder)
+
+
+def _optimizer(
+    pva: PVAModel, facenet: torch.nn.Module | None, config: PretrainingConfig, processes: int
+) -> torch.optim.AdamW:
+    scale = config.total_batch(processes) if config.scale_lr else 1
+    groups = []
+    if config.train in ("both", "projections"):
+        groups.append({"params": list(pva.projections.parameters()), "lr": config.learning_rate * scale})
+    if config.train in ("both", "identity_encoder"):
+        groups.append({"params": list(pva.identity_encoder.parameters()), "lr": config.encoder_learning_rate})
+    if facenet is not None:
+        groups.append({"params": list(facenet.parameters()), "lr": config.learning_rate * scale})
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    # Constant after a linear warm-up, stepped once per optimizer step. (Not through accelerate,
+    # whose prepared scheduler steps once per process: the schedule would depend on their number.)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup)))
+
+
+class _Run:
+    """The training loop and what it keeps: losses, validation, EMA, checkpoints."""
+
+    def __init__(self, config, accelerator, session, model, step_module, optimizer, schedule):  # noqa: ANN001
+        self.config, self.accelerator, self.session = config, accelerator, session
+        self.model, self.step_module, self.optimizer, self.schedule = model, step_module, optimizer, schedule
+        self.trainable = [p for p in step_module.parameters() if p.requires_grad]
+        self.ema = [p.detach().clone() for p in self.trainable] if config.ema_decay > 0 else None
+        self.losses: list[float] = []
+        self.validation: list[dict] = []
+        self.held_out = None
+
+    def describe(self, dataset: FaceDataset, faces: dict, train_people: list[str], base: Base) -> None:
+        config, accelerator = self.config, self.accelerator
+        self.provenance = {
+            "dataset": str(dataset.root),
+            "layout": dataset.layout,
+            "people": len(train_people),
+            "photos": sum(len(faces[p]) for p in train_people),
+            "base": base.name,
+            "stage": config.stage,
+            "batch_size": config.batch_size,
+            "gradient_accumulation": config.gradient_accumulation,
+            "processes": accelerator.num_processes,
+            "machines": int(os.environ.get("GROUP_WORLD_SIZE") or os.environ.get("NNODES") or 1),
+            "total_batch": config.total_batch(accelerator.num_processes),
+            "time_bins": config.time_bins,
+            "resolution": config.samples.resolution,
+            "learning_rate": config.learning_rate,
+            "scale_lr": config.scale_lr,
+            "encoder_learning_rate": config.encoder_learning_rate,
+            "ema_decay": config.ema_decay,
+            "identity_dropout": config.samples.identity_dropout,
+            "seed": config.seed,
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        if self.ema is not None and state.get("ema"):
+            self.ema = [t.to(p.device) for t, p in zip(state["ema"], self.trainable, strict=True)]
+        self.losses, self.validation = list(state.get("losses", [])), list(state.get("validation", []))
+
+    def train(
+        self,
+        loader: torch.utils.data.DataLoader,
+        start_step: int,
+        on_step: Callable[[int, float], None] | None,
+    ) -> None:
+        from tqdm import tqdm
+
+        config, accelerator = self.config, self.accelerator
+        progress = tqdm(
+            total=config.max_steps,
+            initial=start_step,
+            desc="PVA pretraining",
+            disable=not accelerator.is_main_process,
+        )
+        micro_batches = iter(loader)
+        started = time.monotonic()
+        for step in range(start_step, config.max_steps):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            # identity-encoder dropout: the same draws whatever the restarts
+            torch.manual_seed(hash((config.seed, step, accelerator.process_index)) & (2**62 - 1))
+            total = torch.zeros((), device=self.session.device)
+            for _ in range(config.gradient_accumulation):
+                batch = self.session.prepare(next(micro_batches))
+                with accelerator.accumulate(self.model):
+                    loss = self.model(batch)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                total += loss.detach() / config.gradient_accumulation
+            self.schedule.step()
+            self._update_ema()
+            mean_loss = accelerator.reduce(total, reduction="mean").item()
+            if not math.isfinite(mean_loss):
+                raise PVAError(
+                    f"pretraining diverged at step {step + 1} (loss {mean_loss}); lower the learning rate."
+                )
+            self.losses.append(mean_loss)
+            done = step + 1
+            learning_rate = self.schedule.get_last_lr()[0]
+            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{learning_rate:.2e}")
+            progress.update(1)
+            accelerator.log({"train/loss": mean_loss, "train/lr": learning_rate}, step=done)
+            if on_step:
+                on_step(done, mean_loss)
+            if self.held_out is not None and (done % config.validate_every == 0 or done == config.max_steps):
+                self.validate(done)
+            if done % config.checkpoint_every == 0 or done == config.max_steps:
+                self.checkpoint(done, time.monotonic() - started)
+        progress.close()
+
+    def _update_ema(self) -> None:
+        if self.ema is not None:
+            with torch.no_grad():
+                for average, parameter in zip(self.ema, self.trainable, strict=True):
+                    average.lerp_(parameter.detach(), 1 - self.config.ema_decay)
+
+    def exported(self) -> PVAModel:
+        """The weights a user gets (the moving average when EMA is on), on the CPU, with how
+        they were made in their header."""
+        pva = copy.deepcopy(self.step_module.pva).to("cpu").eval().requires_grad_(False)
+        pva.provenance = dict(pva.provenance, pretrained=dict(self.provenance, steps=len(self.losses)))
+        if self.ema is not None:
+            averages = {id(p): e for p, e in zip(self.trainable, self.ema, strict=True)}
+            with torch.no_grad():
+                for original, target in zip(self.step_module.pva.parameters(), pva.parameters(), strict=True):
+                    if id(original) in averages:
+                        target.copy_(averages[id(original)])
+        pva.instance_id = uuid.uuid4().hex
+        return pva
+
+    def checkpoint(self, step: int, seconds: float) -> None:
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            provenance = dict(self.provenance, steps=step)
+            exported = self.exported()
+            state = {
+                "format": STATE_FORMAT,
+                "step": step,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.schedule.state_dict(),
+                "ema": [t.detach().cpu() for t in self.ema] if self.ema is not None else [],
+                "losses": self.losses,
+                "validation": self.validation,
+            }
+            files: dict[str, Callable[[Path], None]] = {
+                "pva.safetensors": lambda path: save_pva(exported, path, overwrite=True),
+                "state.pt": lambda path: torch.save(state, path),
+            }
+            if self.ema is not None:  # resuming continues from the trained weights, not the average
+                files["pva-raw.safetensors"] = lambda path: save_pva(
+                    self.step_module.pva, path, overwrite=True
+                )
+            if self.step_module.facenet is not None:
+                tensors = {
+                    k: v.detach().cpu().contiguous() for k, v in self.step_module.facenet.state_dict().items()
+                }
+                files["facenet.safetensors"] = lambda path: save_file(tensors, str(path))
+            save_checkpoint(
+                Path(self.config.output_dir),
+                step,
+                files,
+                {"step": step, "seconds": round(seconds, 1), "pretrained": provenance},
+                self.config.keep_checkpoints,
+            )
+        accelerator.wait_for_everyone()
+
+    def validate(self, step: int) -> None:
+        from .validation import identity_gaps, preview_grid
+
+        config, accelerator = self.config, self.accelerator
+        result = identity_gaps(
+            self.session,
+            self.step_module,
+            self.held_out,
+            config.validation_samples,
+            config.batch_size,
+            accelerator,
+        )
+        result = {"step": step, **result}
+        self.validation.append(result)
+        accelerator.log({f"val/{k}": v for k, v in result.items() if k != "step"}, step=step)
+        if accelerator.is_main_process:
+            print(
+                f"\n[PVA pretraining] step {step}: held-out face loss with own identity {result['own']:.4f}, "
+                f"none {result['none']:.4f}, another person's {result['other']:.4f}",
+                flush=True,
+            )
+            if config.preview_samples > 0:
+                grid = preview_grid(
+                    self.session,
+                    self.step_module,
+                    self.held_out,
+                    config.preview_samples,
+                    config.preview_steps,
+                )
+                self._save_grid(grid, step)
+
+    def _save_grid(self, grid: torch.Tensor, step: int) -> None:
+        import numpy as np
+        from PIL import Image
+
+        image = Image.fromarray((grid.numpy() * 255).round().astype(np.uint8))
+        path = Path(self.config.output_dir) / "samples" / f"step-{step:07d}.png"
+        write_atomically(path, lambda temp: image.save(temp, format="PNG"))
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("val/inpainted", grid.permute(2, 0, 1), step)
+
+
+def _check_writable(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise PVAError(
+            f"output: cannot write to {output_dir} ({error.strerror}); choose a folder you can write to."
+        ) from None
+
+
+def config_for_logging(config: PretrainingConfig) -> dict:
+    """A flat dict of plain values (TensorBoard's hyper-parameters)."""
+    flat = {}
+    for key, value in asdict(config).items():
+        if isinstance(value, dict):
+            flat.update({f"samples.{k}": str(v) if isinstance(v, tuple) else v for k, v in value.items()})
+        else:
+            flat[key] = str(value) if isinstance(value, Path) else value
+    return flat

@@ -1,0 +1,228 @@
+"""Pieces for pretraining tests: a tiny base of the real SD1.5-inpainting architecture, a
+random-weight FaceNet that still tells faces apart, and synthetic people preprocessed through
+the pack's real detection and embedding path."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .models import tiny_model, tiny_vae
+from .synthetic_people import person_photos, write_people
+
+
+def tiny_text_encoder(context_dim: int = 768):  # noqa: ANN201
+    """A deterministic stand-in for CLIP: each caption gets its own fixed random context."""
+
+    def encode(caption: str) -> tuple[torch.Tensor, None]:
+        seed = int.from_bytes(hashlib.sha256(caption.encode()).digest()[:7], "little")
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn(1, 77, context_dim, generator=generator), None
+
+    return encode
+
+
+def tiny_base(model=None, seed: int = 0):  # noqa: ANN001, ANN201
+    """pva.pretraining.Base around a tiny SD1.5-inpainting UNet (or `model`) and a tiny VAE."""
+    from pva.pretraining import Base
+
+    model = model if model is not None else tiny_model("sd15", in_channels=9, seed=seed)
+    return Base(
+        model, tiny_vae(), tiny_text_encoder(), name="tiny-sd15-inpainting", fingerprint=f"tiny:{seed}"
+    )
+
+
+def calibrated_facenet(path: Path, seed: int = 0, calibration_people: int = 16) -> Path:
+    """A random-weight InceptionResnetV1 whose BatchNorm statistics are measured on synthetic
+    faces, saved as .safetensors. With the default statistics (mean 0, variance 1) a random
+    FaceNet maps every face to nearly the same direction (cosine 0.99999 between people); with
+    measured ones its random features separate people (cosine ~0.8 within a person, ~0.2
+    across portraits) while it remains an untrained network."""
+    from facenet_pytorch import InceptionResnetV1
+
+    from pva.faces import DetectionSettings, align_faces, find_faces
+
+    torch.manual_seed(seed)
+    net = InceptionResnetV1()
+    crops = []
+    for person in range(calibration_people):
+        for pixels in person_photos(person, 2, seed=10_000 + seed):
+            photo = torch.from_numpy(pixels).float().div(255)[None]
+            found = find_faces(photo, DetectionSettings(min_face_size=20))
+            if found.count:
+                crops.append(align_faces(photo, [found.photos[0].faces[0]]))
+    for module in net.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over the calibration batch
+    net.train()
+    with torch.no_grad():
+        net(torch.cat(crops))
+    state = {k: v.contiguous() for k, v in net.eval().state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    return path
+
+
+def synthetic_dataset(root: Path, people: int, photos: int, seed: int = 0) -> Path:
+    return write_people(root, people, photos, seed=seed)
+
+
+# -- the cached synthetic world ----------------------------------------------------------------
+WORLD = dict(train=120, val=24, photos=4, seed=0, facenet_seed=0, version=1)
+
+
+class World:
+    """A dataset of synthetic people, its face cache and the FaceNet that made it."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.data = root / "people"
+        self.cache = root / "faces"
+        self.facenet = root / "facenet-calibrated.safetensors"
+
+    def dataset(self):  # noqa: ANN201
+        from pva.datasets import open_dataset
+
+        return open_dataset(self.data)
+
+    def faces(self):  # noqa: ANN201
+        from pva.preprocess import load_faces
+
+        return load_faces(self.cache, self.dataset().people)
+
+
+def synthetic_world() -> World:
+    """Built once (a few minutes: every photo goes through MTCNN and FaceNet) and cached in
+    $PVA_DEV_HOME/test-models; the key covers the recipe."""
+    import json
+    import os
+    import shutil
+
+    from pva.preprocess import PreprocessSettings, preprocess_dataset
+
+    from .checkpoints import build_lock, default_cache_dir
+
+    key = hashlib.sha256(json.dumps(WORLD, sort_keys=True).encode()).hexdigest()[:12]
+    final = default_cache_dir() / f"pva-synthetic-people-{key}"
+    if (final / "done").is_file():
+        return World(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock(final):
+        if (final / "done").is_file():
+            return World(final)
+        temporary = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        shutil.rmtree(temporary, ignore_errors=True)
+        try:
+            world = World(temporary)
+            people = WORLD["train"] + WORLD["val"]
+            write_people(world.data, people, WORLD["photos"], seed=WORLD["seed"])
+            names = sorted(p.name for p in world.data.iterdir())
+            split = {"train": names[: WORLD["train"]], "val": names[WORLD["train"] :], "test": []}
+            (world.data / "split.json").write_text(json.dumps(split))
+            calibrated_facenet(world.facenet, seed=WORLD["facenet_seed"])
+            settings = PreprocessSettings(facenet=world.facenet, min_face_size=20, workers=2)
+            preprocess_dataset(world.dataset(), world.cache, settings)
+            (temporary / "done").write_text("")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(temporary, final)
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+    return World(final)
+
+
+# -- a base that already inpaints these people (but cannot know their skin tint) --------------
+BASE_RECIPE = dict(steps=1500, batch=16, learning_rate=1e-3, resolution=64, pool=2048, seed=123, version=1)
+
+
+def world_base(world: World):  # noqa: ANN201
+    """tiny_base() after BASE_RECIPE's inpainting pretraining on the world's training people
+    (cached). An identity can only help a model that already passes the noisy latent through
+    (see harness/pretrained.py); trained like this, the base fills a masked face from its
+    surroundings, and what it cannot know is the person's tint."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from .checkpoints import cached_file, default_cache_dir
+
+    base = tiny_base(tiny_model("sd15", in_channels=9, seed=BASE_RECIPE["seed"]))
+    unet = base.model.model.diffusion_model
+    key = hashlib.sha256(json.dumps([BASE_RECIPE, WORLD], sort_keys=True).encode()).hexdigest()[:12]
+
+    def build(temporary: Path) -> None:
+        _pretrain_base(base, world)
+        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(temporary))
+
+    path = default_cache_dir() / f"tiny-sd15-inpaint-synthetic-people-{key}.safetensors"
+    unet.load_state_dict(load_file(cached_file(path, build)))
+    return base
+
+
+@torch.no_grad()  # (grad mode is on outside ComfyUI's executor: the latents would keep the VAE's graph)
+def _inpainting_pool(base, world: World) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """Clean latents, inpainting inputs and text contexts of BASE_RECIPE['pool'] training samples."""
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    import nodes
+    from pva.pretraining_data import PretrainingSamples, SampleSettings, collate
+
+    dataset = world.dataset()
+    samples = PretrainingSamples(
+        dataset,
+        world.faces(),
+        dataset.splits["train"],
+        SampleSettings(resolution=BASE_RECIPE["resolution"]),
+        seed=BASE_RECIPE["seed"],
+    )
+    model = base.model.model
+    latents, concats, contexts = [], [], []
+    for start in range(0, BASE_RECIPE["pool"], 64):
+        batch = collate([samples[i] for i in range(start, start + 64)])
+        context = torch.cat([base.encode_text(c)[0] for c in batch["caption"]])
+        positive = [[context, {}]]
+        cond, _, latent = nodes.InpaintModelConditioning().encode(
+            positive, positive, batch["pixels"], base.vae, batch["mask"], noise_mask=True
+        )
+        x0 = model.process_latent_in(latent["samples"])
+        processed = comfy.samplers.process_conds(
+            model,
+            torch.zeros_like(x0),
+            {"positive": comfy.sampler_helpers.convert_cond(cond)},
+            torch.device("cpu"),
+            latent_image=x0,
+            denoise_mask=None,
+            seed=0,
+        )["positive"][0]
+        latents.append(x0)
+        concats.append(processed["model_conds"]["c_concat"].cond)
+        contexts.append(context)
+    return torch.cat(latents), torch.cat(concats), torch.cat(contexts)
+
+
+def _pretrain_base(base, world: World) -> None:  # noqa: ANN001
+    latents, concats, contexts = _inpainting_pool(base, world)
+    model, batch = base.model.model, BASE_RECIPE["batch"]
+    sampling = model.model_sampling
+    parameters = list(model.diffusion_model.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=BASE_RECIPE["learning_rate"])
+    generator = torch.Generator().manual_seed(BASE_RECIPE["seed"])
+    with torch.inference_mode(False), torch.enable_grad():
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        for _ in range(BASE_RECIPE["steps"]):
+            pick = torch.randint(len(latents), (batch,), generator=generator)
+            x0 = latents[pick]
+            sigmas = sampling.sigma(torch.rand(batch, generator=generator) * 999)
+            x_t = sampling.noise_scaling(sigmas, torch.randn(x0.shape, generator=generator), x0)
+            denoised = model.apply_model(x_t, sigmas, c_concat=concats[pick], c_crossattn=contexts[pick])
+            loss = ((denoised - x0) / sigmas.view(-1, 1, 1, 1)).pow(2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        for parameter in parameters:
+            parameter.requires_grad_(False)
