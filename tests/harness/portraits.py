@@ -66,3 +66,13 @@ def portrait(name: str) -> np.ndarray:
         return np.ascontiguousarray(data.astronaut())
     with Image.open(template_photo_path(name)) as image:
         return np.asarray(image.convert("RGB")).copy()
+
+
+def canvas_with_portraits(height: int, width: int, placements: list[tuple[str, int, int, int]]) -> np.ndarray:
+    """A grey canvas with whole portraits scaled into it, e.g. a small real face in a large
+    photo. placements: (portrait name, left, top, side) each; [height, width, 3] uint8."""
+    canvas = np.full((height, width, 3), 115, dtype=np.uint8)
+    for name, left, top, side in placements:
+        image = Image.fromarray(portrait(name)).resize((side, side), Image.Resampling.LANCZOS)
+        canvas[top : top + side, left : left + side] = np.asarray(image)
+    return canvas
