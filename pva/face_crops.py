@@ -151,7 +151,21 @@ def _maps(crop: FaceCrop, photo_size: tuple[int, int], resolution: int) -> tuple
     )
 
 
+def _cut(photo: torch.Tensor, rows: _AxisMaps, cols: _AxisMaps) -> torch.Tensor:
+    return _resample(photo[rows.pixels, cols.pixels], rows.to_crop, cols.to_crop).float()
+
+
 # -- the two halves ---------------------------------------------------------------------------------
+def crop_face(
+    photo: torch.Tensor, face: DetectedFace, resolution: int, context: float = 2.0
+) -> tuple[torch.Tensor, DetectedFace]:
+    """One face's crop [R, R, 3] (values may overshoot 0..1 slightly at hard edges: the
+    sharpening) and the face in crop coordinates."""
+    info = FaceCrop(0, face, crop_square(face, context, photo.shape[0], photo.shape[1]))
+    rows, cols = _maps(info, photo.shape[:2], resolution)
+    return _cut(photo, rows, cols), info.face_in_crop(resolution)
+
+
 def _photo_masks(masks: torch.Tensor | None, photos: list[torch.Tensor], faces: Faces) -> list | None:
     """The photo-sized MASK for each face (faces.pairs() order), from one mask for all photos,
     one per photo, or one per face."""
@@ -212,7 +226,7 @@ def crop_faces(
         photo = photos[index]
         info = FaceCrop(index, face, crop_square(face, context, photo.shape[0], photo.shape[1]))
         rows, cols = _maps(info, photo.shape[:2], resolution)
-        crops.append(_resample(photo[rows.pixels, cols.pixels], rows.to_crop, cols.to_crop).float())
+        crops.append(_cut(photo, rows, cols))
         if photo_masks is None:
             mask = region_mask(info.face_in_crop(resolution), "whole face", resolution, resolution)
         else:

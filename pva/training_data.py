@@ -3,12 +3,12 @@
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .errors import PVAError
+from .face_crops import crop_face
 from .face_embeddings import embed_photos
 from .facenet import FaceNet
-from .faces import DetectedFace, DetectionSettings, ImageBatch, image_list
+from .faces import DetectionSettings, ImageBatch, image_list
 from .regions import region_mask
 
 
@@ -30,30 +30,6 @@ class PersonalizationData:
             return self.flipped_embeddings
         keep = [i for i in range(self.count) if i != target]
         return self.embeddings[keep]
-
-
-def square_crop(
-    image: torch.Tensor, face: DetectedFace, resolution: int, context: float
-) -> tuple[torch.Tensor, DetectedFace]:
-    """A square of side `context` x the face size around the face, resampled to resolution.
-
-    Returns the crop [R, R, 3] and the face in crop coordinates."""
-    height, width = image.shape[:2]
-    x1, y1, x2, y2 = face.box
-    side = max(x2 - x1, y2 - y1) * context
-    side = min(side, max(height, width))
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    x0, y0 = cx - side / 2, cy - side / 2
-    # grid_sample coordinates in [-1, 1] of the photo (align_corners=False)
-    steps = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution * side
-    gx = (x0 + steps) / width * 2 - 1
-    gy = (y0 + steps) / height * 2 - 1
-    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1).unsqueeze(0)
-    photo = image.permute(2, 0, 1).unsqueeze(0).float()
-    crop = F.grid_sample(photo, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    scale = resolution / side
-    in_crop = face.mapped(lambda x, y: ((x - x0) * scale, (y - y0) * scale))
-    return crop[0].permute(1, 2, 0).clamp(0, 1), in_crop
 
 
 def prepare_personalization_data(
@@ -78,8 +54,8 @@ def prepare_personalization_data(
     )
     crops, masks = [], []
     for i, face in embedded.faces.pairs():
-        crop, in_crop = square_crop(photos[i], face, resolution, context)
-        crops.append(crop)
+        crop, in_crop = crop_face(photos[i], face, resolution, context)
+        crops.append(crop.clamp(0, 1))
         masks.append(region_mask(in_crop, "whole face", resolution, resolution))
     return PersonalizationData(
         torch.stack(crops), torch.stack(masks).float(), embedded.embeddings, embedded.mirrored

@@ -229,3 +229,18 @@ def test_bad_input_is_named(photos, faces):
     # crops that came back at another size (e.g. through an upscaler) are resized, not refused
     resized = torch.nn.functional.interpolate(crops.permute(0, 3, 1, 2), size=(320, 320)).permute(0, 2, 3, 1)
     assert paste_faces(photos, resized, info).shape == photos.shape
+
+
+def test_personalization_trains_on_the_same_kind_of_crop(photos, faces):
+    """Quick personalization cuts its training crops with Crop Faces' own path: the same
+    pixels (kept in 0..1) and a whole-face mask where the face is in the crop."""
+    from facenet_pytorch import InceptionResnetV1
+
+    from pva.training_data import prepare_personalization_data
+
+    torch.manual_seed(0)
+    facenet = InceptionResnetV1().eval()
+    data = prepare_personalization_data(photos[1:], facenet, resolution=256)
+    crops, info = crop_faces(photos[1:], Faces(faces.photos[1:], faces.order), 256)
+    assert torch.equal(data.pixels, crops.clamp(0, 1))
+    assert torch.equal(data.masks[0], region_mask(info.crops[0].face_in_crop(256), "whole face", 256, 256))
