@@ -1,5 +1,6 @@
 """Faces in photos: find them (FACES), and masks of their regions."""
 
+import torch
 from comfy_api.latest import io
 
 from ..pva.face_preview import preview_faces
@@ -104,7 +105,7 @@ class PVAFaceRegionMask(io.ComfyNode):
                     options=list(MASK_LAYOUTS),
                     default="one per photo",
                     tooltip="one per photo: the union of its selected faces' regions. one per face: a mask "
-                    "for every face, photo by photo in order.",
+                    "for every face, photo by photo in order (no face in any photo: one empty mask per photo).",
                 ),
                 io.Float.Input(
                     "precision",
@@ -135,4 +136,6 @@ class PVAFaceRegionMask(io.ComfyNode):
         require_faces(faces, selection, "photo", faceless_ok=True)
         chosen = faces.select(selection)
         mask = face_masks(chosen, regions, precision, grow, feather, per_face=masks == "one per face")
+        if mask.shape[0] == 0:  # no face in any photo (skipped upstream): pass the photos through
+            mask = torch.zeros(len(faces.photos), *mask.shape[1:])
         return io.NodeOutput(mask)

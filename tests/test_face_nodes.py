@@ -75,6 +75,7 @@ def test_a_photo_without_a_face_fails_or_passes_through(two_people, faceless):
     assert faces.count == 0 and len(faces.photos) == 1
     assert (preview - faceless).abs().max() > 0.5  # says "no face found" on the picture
     assert region_mask(faces).abs().max() == 0
+    assert region_mask(faces, masks="one per face").shape == (1, 256, 256)  # not an empty batch
     # an index that a photo with faces does not have is an error in both modes
     for mode in ("error", "skip"):
         with pytest.raises(errors.PVAError, match=r"photo 1 of 1: face index 2 asked for, but only 2 face"):
