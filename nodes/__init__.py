@@ -1,6 +1,8 @@
 """The pack's nodes (thin: the method lives in pva/)."""
 
 from .apply import PVAApply
+from .crops import PVACropFaces, PVAPasteFaces
+from .faces import PVADetectFaces, PVAFaceRegionMask
 from .identity import PVAEncodeIdentity
 from .loaders import PVAFaceNetLoader, PVAInitializeFromModel, PVAModelLoader
 from .personalize import PVAQuickPersonalize
@@ -12,6 +14,10 @@ NODES = [
     PVAInitializeFromModel,
     PVAEncodeIdentity,
     PVAApply,
+    PVADetectFaces,
+    PVAFaceRegionMask,
+    PVACropFaces,
+    PVAPasteFaces,
     PVAQuickPersonalize,
     PVASaveModel,
 ]

@@ -52,7 +52,8 @@ class PVAApply(io.ComfyNode):
                     options=list(SCOPES),
                     default="positive",
                     tooltip="positive: only the positive (cond) branch of CFG sees the identity, so CFG "
-                    "pushes towards it; both: cond and uncond branches.",
+                    "pushes towards it; negative: only the negative (uncond) branch, so CFG pushes away from "
+                    "it (face swap: the target's own identity; no effect at cfg 1); both: cond and uncond.",
                 ),
                 io.Mask.Input(
                     "mask",

@@ -6,7 +6,7 @@ from comfy_api.latest import io
 from ..pva.face_embeddings import embed_photos
 from ..pva.faces import DetectionSettings
 from ..pva.identity import Identity
-from .types import CATEGORY, FaceNetType, FacesType, IdentityType
+from .types import CATEGORY, FaceNetType, FacesType, IdentityType, detection_threshold_input
 
 
 class PVAEncodeIdentity(io.ComfyNode):
@@ -25,14 +25,7 @@ class PVAEncodeIdentity(io.ComfyNode):
                     "reference_images",
                     tooltip="Photos of the person (a batch; about 5 works best). Any size; each needs a visible face.",
                 ),
-                io.Float.Input(
-                    "detection_threshold",
-                    default=0.9,
-                    min=0.1,
-                    max=0.999,
-                    step=0.01,
-                    tooltip="MTCNN's final-stage face probability threshold; lower it for hard photos.",
-                ),
+                detection_threshold_input(),
                 io.Int.Input(
                     "face_index",
                     default=0,

@@ -9,7 +9,7 @@ from ..pva.model import PVAModel
 from ..pva.training import TRAINABLE, TrainingSettings, personalize
 from ..pva.training_data import prepare_personalization_data
 from .loss_plot import loss_curve_image
-from .types import CATEGORY, FaceNetType, PVAModelType
+from .types import CATEGORY, FaceNetType, PVAModelType, detection_threshold_input
 
 LossMapType = io.Custom("LOSS_MAP")  # ComfyUI core's loss convention (its LossGraphNode reads it)
 
@@ -40,7 +40,7 @@ class PVAQuickPersonalize(io.ComfyNode):
                 io.Combo.Input("train", options=list(TRAINABLE), default="both", tooltip="Which PVA parameters train."),
                 io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute activations in the backward pass: less memory, ~30% slower."),
                 io.Combo.Input("mixed_precision", options=["auto", "none"], default="auto", tooltip="auto: bf16 autocast on a GPU that supports it; none: the model's own dtype."),
-                io.Float.Input("detection_threshold", default=0.9, min=0.1, max=0.999, step=0.01, tooltip="MTCNN face probability threshold."),
+                detection_threshold_input(),
                 io.Int.Input("face_index", default=0, min=0, max=63, tooltip="Which face of each photo when it shows several: 0 = the largest, 1 = the next largest, ..."),
                 PVAModelType.Input("pva_model", optional=True, tooltip="Start from this PVA model (e.g. a pretrained one); otherwise one is initialized from the MODEL."),
             ],

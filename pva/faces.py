@@ -132,7 +132,7 @@ class Faces:
 
     def select(self, indices: Sequence[int] | None) -> Faces:
         """Keep the faces at `indices` (in each photo's order; None keeps all). Indices a photo
-        does not have are left out there: `missing_selection` reports them."""
+        does not have are left out there: `require_faces` reports them."""
         if indices is None:
             return self
         photos = tuple(
@@ -430,14 +430,29 @@ def find_faces(images: ImageBatch, settings: DetectionSettings | None = None, wh
     )
 
 
-def require_faces(faces: Faces, selection: Sequence[int] | None, what: str, threshold: float) -> None:
-    """Explain the first photo where the selection finds no face (or misses an index)."""
+def require_faces(
+    faces: Faces,
+    selection: Sequence[int] | None,
+    what: str,
+    threshold: float | None = None,
+    *,
+    faceless_ok: bool = False,
+    hint: str = "",
+) -> None:
+    """Explain the first photo where the selection finds no face (or misses an index).
+
+    faceless_ok: photos without any face pass (they were skipped on purpose upstream); a
+    selected index that a photo with faces lacks is still an error. hint: appended to the
+    no-face message (what else the user can do)."""
     for i, photo in enumerate(faces.photos):
         where = f"{what} {i + 1} of {len(faces)}"
         if not photo.faces:
+            if faceless_ok:
+                continue
+            setting = f" (MTCNN detection threshold {threshold:g})" if threshold is not None else ""
             raise NoFaceFoundError(
-                f"{where}: no face found (MTCNN detection threshold {threshold:g}). Use a photo where "
-                "the face is clearly visible, or lower the detection threshold."
+                f"{where}: no face found{setting}. Use a photo where the face is clearly visible, or lower "
+                f"the detection threshold{hint}."
             )
         missing = [j for j in (selection or ()) if j >= len(photo.faces)]
         if missing:

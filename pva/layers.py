@@ -1,14 +1,32 @@
 """Which cross-attention layers of a ComfyUI UNet get parallel projections, and their shapes."""
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from comfy.model_patcher import ModelPatcher
 
 FAMILY_BY_CONTEXT = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
 
 
 def family_label(context_dim: int) -> str:
     return FAMILY_BY_CONTEXT.get(context_dim, f"a {context_dim}-d context model")
+
+
+def native_resolution(model_patcher: "ModelPatcher") -> int:
+    """The image side the MODEL's family was trained at: SD1.x 512, SD2.x 512 (768 for the
+    v-prediction models), SDXL and anything newer 1024."""
+    from comfy.model_base import ModelType
+
+    model = model_patcher.model
+    context_dim = model.model_config.unet_config.get("context_dim")
+    if context_dim == 768:
+        return 512
+    if context_dim == 1024:
+        return 768 if model.model_type == ModelType.V_PREDICTION else 512
+    return 1024
 
 
 @dataclass(frozen=True)

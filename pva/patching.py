@@ -22,7 +22,9 @@ from .layers import family_label, find_cross_attention_layers
 if TYPE_CHECKING:
     from comfy.model_patcher import ModelPatcher
 
-SCOPES = ("positive", "both")
+# Which CFG branches an identity acts on. ComfyUI's cond_or_uncond marks each chunk of a batch:
+# 0 = the positive (cond) branch, anything else a negative (uncond) one.
+SCOPES = ("positive", "negative", "both")
 
 
 @dataclass(eq=False)
@@ -34,7 +36,7 @@ class IdentityStream:
     strength: float = 1.0
     sigma_start: float = math.inf  # active while sigma_end <= sigma <= sigma_start
     sigma_end: float = 0.0
-    scope: str = "positive"  # "positive": cond branch only; "both": cond and uncond
+    scope: str = "positive"  # "positive": cond branch only; "negative": uncond only; "both"
     region: torch.Tensor | None = None  # [Bm, H, W] mask, 1 = identity applies
     # Training only: which samples of the batch see the identity (identity-token dropout, so
     # the model also learns the no-identity branch CFG needs). None: all of them.
@@ -48,12 +50,19 @@ class IdentityStream:
         for key in [k for k in self._cache if isinstance(k, tuple) and k[0] == "bias"]:
             del self._cache[key]
 
+    def acts_on(self, branch: int) -> bool:
+        """Does this identity act on samples of CFG branch `branch` (a cond_or_uncond value)?"""
+        return self.scope == "both" or (branch == 0) == (self.scope == "positive")
+
     def is_active(self, transformer_options: dict) -> bool:
         if self.strength <= 0:
             return False
         cond_or_uncond = transformer_options.get("cond_or_uncond")
-        if self.scope == "positive" and cond_or_uncond and 0 not in cond_or_uncond:
-            return False  # a batch of negative (uncond) samples only
+        if self.scope != "both":
+            if cond_or_uncond and not any(self.acts_on(c) for c in cond_or_uncond):
+                return False  # a batch of the other branch only
+            if not cond_or_uncond and self.scope == "negative":
+                return False  # no CFG batch layout: the samples count as the positive branch
         sigmas = transformer_options.get("sigmas")
         if sigmas is None:
             return True
@@ -102,7 +111,7 @@ class IdentityStream:
         softmax renormalizes (log-bias log s); -inf switches the stream off (strength 0
         anywhere is exactly the base model there)."""
         batch, length = x.shape[0], x.shape[1]
-        cond_or_uncond = transformer_options.get("cond_or_uncond") if self.scope == "positive" else None
+        cond_or_uncond = transformer_options.get("cond_or_uncond") if self.scope != "both" else None
         grid = _token_grid(length, transformer_options) if self.region is not None else None
         # The same for every layer with this token grid and every step with this batch layout.
         key = ("bias", batch, grid, tuple(cond_or_uncond or ()), x.device)
@@ -116,8 +125,8 @@ class IdentityStream:
         terms = []
         if self.strength != 1.0:
             terms.append(torch.full((1, 1, 1, 1), math.log(self.strength), device=device))
-        if self.scope == "positive":
-            per_sample = _cond_samples(transformer_options, batch, device)
+        if self.scope != "both":
+            per_sample = self._acting_samples(transformer_options, batch, device)
             if per_sample is not None:
                 terms.append(torch.where(per_sample, 0.0, -math.inf).view(batch, 1, 1, 1))
         if grid is not None:
@@ -133,6 +142,19 @@ class IdentityStream:
             bias = bias + term
         return bias
 
+    def _acting_samples(
+        self, transformer_options: dict, batch: int, device: torch.device
+    ) -> torch.Tensor | None:
+        """Bool [B]: the samples of the branches this identity acts on; None when it acts on all."""
+        cond_or_uncond = transformer_options.get("cond_or_uncond")
+        if not cond_or_uncond:
+            return None
+        flags = [self.acts_on(c) for c in cond_or_uncond]
+        if all(flags):
+            return None
+        chunk = batch // len(cond_or_uncond)
+        return torch.tensor(flags, device=device).repeat_interleave(chunk)
+
     def _region_at(self, batch: int, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
         """The region mask resized to a layer's token grid, [1 or B, 1, h*w, 1]."""
         height, width = grid
@@ -147,16 +169,6 @@ class IdentityStream:
                 f"mask: {masks} masks cannot be matched to a batch of {batch} latents; give 1 mask or one per latent."
             )
         return hit.repeat(batch // masks, 1, 1, 1)  # the CFG batch stacks whole latent batches
-
-
-def _cond_samples(transformer_options: dict, batch: int, device: torch.device) -> torch.Tensor | None:
-    """Bool [B]: which samples belong to the positive (cond) branch; None when all do."""
-    cond_or_uncond = transformer_options.get("cond_or_uncond")
-    if not cond_or_uncond or all(c == 0 for c in cond_or_uncond):
-        return None
-    chunk = batch // len(cond_or_uncond)
-    flags = torch.tensor([c == 0 for c in cond_or_uncond], device=device)
-    return flags.repeat_interleave(chunk)
 
 
 def _token_grid(length: int, transformer_options: dict) -> tuple[int, int]:
@@ -214,14 +226,15 @@ class ParallelCrossAttention(nn.Module):
             return self.original(
                 x, context=context, value=value, mask=mask, transformer_options=transformer_options
             )
-        # Under CFG with positive-only identities the uncond samples take the original
-        # (cheaper) attention instead of the wide one with every identity masked out.
+        # Under CFG each branch's samples attend only to the identities acting on that branch
+        # (none: the original, cheaper attention) instead of the wide call with the others
+        # masked out.
         outputs = []
-        for rows, options, with_identity in _branch_groups(streams, transformer_options, x, context):
+        for rows, options, acting in _branch_groups(streams, transformer_options, x, context):
             x_part, context_part = x[rows], context[rows]
             value_part = value[rows] if value is not None else None
-            if with_identity:
-                outputs.append(self._parallel(x_part, context_part, value_part, streams, options))
+            if acting:
+                outputs.append(self._parallel(x_part, context_part, value_part, list(acting), options))
             else:
                 outputs.append(
                     self.original(x_part, context=context_part, value=value_part, transformer_options=options)
@@ -253,25 +266,27 @@ class ParallelCrossAttention(nn.Module):
 
 def _branch_groups(
     streams: list[IdentityStream], transformer_options: dict, x: torch.Tensor, context: torch.Tensor
-) -> list[tuple[slice, dict, bool]]:
-    """Split a CFG batch into runs of consecutive branch chunks that do / do not see any
-    identity: [(rows, transformer_options for those rows, with_identity)]."""
+) -> list[tuple[slice, dict, tuple[IdentityStream, ...]]]:
+    """Split a CFG batch into runs of consecutive branch chunks that see the same identities:
+    [(rows, transformer_options for those rows, the streams acting there)]. Where it cannot be
+    split, one group of all rows with every stream (their biases then mask the other branch)."""
     cond_or_uncond = transformer_options.get("cond_or_uncond")
     batch = x.shape[0]
-    whole = [(slice(None), transformer_options, True)]
+    whole = [(slice(None), transformer_options, tuple(streams))]
     if not cond_or_uncond or context.shape[0] != batch or batch % len(cond_or_uncond):
         return whole
-    if any(s.scope == "both" or s.tokens.shape[0] != 1 for s in streams):
+    if all(s.scope == "both" for s in streams) or any(s.tokens.shape[0] != 1 for s in streams):
         return whole
     chunk = batch // len(cond_or_uncond)
-    groups: list[tuple[slice, dict, bool]] = []
+    acting = [tuple(s for s in streams if s.acts_on(c)) for c in cond_or_uncond]
+    groups: list[tuple[slice, dict, tuple[IdentityStream, ...]]] = []
     start = 0
     for i in range(1, len(cond_or_uncond) + 1):
-        if i < len(cond_or_uncond) and (cond_or_uncond[i] == 0) == (cond_or_uncond[start] == 0):
+        if i < len(cond_or_uncond) and acting[i] == acting[start]:
             continue
         rows = slice(start * chunk, i * chunk)
         options = dict(transformer_options, cond_or_uncond=cond_or_uncond[start:i])
-        groups.append((rows, options, cond_or_uncond[start] == 0))
+        groups.append((rows, options, acting[start]))
         start = i
     return groups
 

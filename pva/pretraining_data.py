@@ -22,9 +22,9 @@ import torch
 
 from .datasets import FaceDataset, Photo
 from .errors import PVAError
+from .face_crops import crop_face
 from .preprocess import PersonFaces, _read_photo
 from .regions import region_mask
-from .training_data import square_crop
 
 TEMPLATES = (
     "photo of a person",
@@ -98,13 +98,14 @@ class PretrainingSamples(torch.utils.data.Dataset):
         photo = self.photos[person.keys[index]]
         pixels = _read_photo(photo.path)[0]
         context = rng.uniform(*settings.context)
-        crop, face = square_crop(pixels, person.faces[index], settings.resolution, context)
+        crop, face = crop_face(pixels, person.faces[index], settings.resolution, context)
+        crop = crop.clamp(0, 1)  # (the crop's sharpening may overshoot at hard edges)
         if photo.masks and rng.random() < settings.dataset_mask_probability:
             kind = sorted(photo.masks)[rng.randrange(len(photo.masks))]
             full = torch.from_numpy(_read_mask(photo.masks[kind], pixels.shape[:2]))[..., None].expand(
                 -1, -1, 3
             )
-            cropped, _ = square_crop(full, person.faces[index], settings.resolution, context)
+            cropped, _ = crop_face(full, person.faces[index], settings.resolution, context)
             mask = (cropped[..., 0] > 0.5).float()
         else:
             region = settings.regions[rng.randrange(len(settings.regions))]

@@ -1,15 +1,14 @@
 """Quick-personalization data: each reference in turn is the target, the others its references."""
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .errors import PVAError
+from .face_crops import crop_face
 from .face_embeddings import embed_photos
 from .facenet import FaceNet
-from .faces import DetectedFace, DetectionSettings, ImageBatch, image_list
+from .faces import DetectionSettings, ImageBatch, image_list
 from .regions import region_mask
 
 
@@ -31,40 +30,6 @@ class PersonalizationData:
             return self.flipped_embeddings
         keep = [i for i in range(self.count) if i != target]
         return self.embeddings[keep]
-
-
-def square_crop(
-    image: torch.Tensor, face: DetectedFace, resolution: int, context: float
-) -> tuple[torch.Tensor, DetectedFace]:
-    """A square of side `context` x the face size around the face, resampled to resolution.
-
-    Returns the crop [R, R, 3] and the face in crop coordinates."""
-    height, width = image.shape[:2]
-    x1, y1, x2, y2 = face.box
-    side = max(x2 - x1, y2 - y1) * context
-    side = min(side, max(height, width))
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    x0, y0 = cx - side / 2, cy - side / 2
-    scale = resolution / side
-    photo = image.permute(2, 0, 1).unsqueeze(0).float()
-    # Sampling positions in the source: the photo itself, or when shrinking a lot, the region the
-    # crop reads, first shrunk with antialiasing (bilinear sampling alone would alias).
-    left, top, step_x, step_y = 0.0, 0.0, 1.0, 1.0
-    if scale < 0.75:
-        left, top = max(math.floor(x0) - 1, 0), max(math.floor(y0) - 1, 0)
-        right, bottom = min(math.ceil(x0 + side) + 1, width), min(math.ceil(y0 + side) + 1, height)
-        region = photo[:, :, top:bottom, left:right]
-        size = (max(1, round((bottom - top) * scale * 1.25)), max(1, round((right - left) * scale * 1.25)))
-        photo = F.interpolate(region, size=size, mode="bilinear", antialias=True, align_corners=False)
-        step_x, step_y = size[1] / (right - left), size[0] / (bottom - top)
-    # grid_sample coordinates in [-1, 1] of the source (align_corners=False)
-    steps = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution * side
-    gx = (x0 + steps - left) * step_x / photo.shape[-1] * 2 - 1
-    gy = (y0 + steps - top) * step_y / photo.shape[-2] * 2 - 1
-    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1).unsqueeze(0)
-    crop = F.grid_sample(photo, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    in_crop = face.mapped(lambda x, y: ((x - x0) * scale, (y - y0) * scale))
-    return crop[0].permute(1, 2, 0).clamp(0, 1), in_crop
 
 
 def prepare_personalization_data(
@@ -89,8 +54,8 @@ def prepare_personalization_data(
     )
     crops, masks = [], []
     for i, face in embedded.faces.pairs():
-        crop, in_crop = square_crop(photos[i], face, resolution, context)
-        crops.append(crop)
+        crop, in_crop = crop_face(photos[i], face, resolution, context)
+        crops.append(crop.clamp(0, 1))
         masks.append(region_mask(in_crop, "whole face", resolution, resolution))
     return PersonalizationData(
         torch.stack(crops), torch.stack(masks).float(), embedded.embeddings, embedded.mirrored

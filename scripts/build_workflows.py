@@ -106,10 +106,15 @@ PERSON = "my_person"
 REFERENCES = ("pva_reference_1.png", "pva_reference_2.png", "pva_reference_3.png")
 TARGET = "pva_target.png"
 TARGET_MASK = "pva_target_mask.png"
+LARGE_PHOTO = "pva_large_photo.png"
+TWO_PEOPLE = "pva_two_people.png"
+PERSON_A, PERSON_B = "pva_person_a.png", "pva_person_b.png"
+SWAP_TARGET = "pva_swap_target.png"
 
 POSITIVE = "a photo of a person, detailed face, natural skin, sharp focus"
 NEGATIVE = "blurry, lowres, deformed face, bad anatomy, watermark, text"
 POSITIVE_EDIT = "a photo of a person, smiling, with a beard, detailed face, sharp focus"
+POSITIVE_BEARD = "a photo of a person with a beard, detailed face, natural skin, sharp focus"
 SAMPLING = {
     "seed": 42,
     "steps": 30,
@@ -121,18 +126,29 @@ SAMPLING = {
 
 BLUE, GREEN, PURPLE, BROWN, CYAN = "#3f789e", "#8A8", "#a1309b", "#b58b2a", "#88A"
 
-_COMMON_FILES = f"""\
+_CHECKPOINT_AND_FACENET_FILES = f"""\
 - Load Checkpoint: a Stable Diffusion inpainting checkpoint in ComfyUI/models/checkpoints/, e.g. \
 {CHECKPOINT} (SD1.5-inpainting). Any SD1.x/SD2.x/SDXL checkpoint works; inpainting models give the \
 paper's setting.
 - Load FaceNet (PVA): {FACENET} (facenet-pytorch's InceptionResnetV1 VGGFace2 weights, or a \
 .safetensors conversion) in ComfyUI/models/facenet/. It is never downloaded at run time.
+"""
+_PVA_FILE = f"""\
+- Load PVA Model: a PVA model made for the checkpoint's family, in ComfyUI/models/pva/ (here \
+{PVA_FOR_CHECKPOINT}). Make one with the 'pva_quick_personalize_and_inpaint' workflow (Save PVA \
+Model); no pretrained PVA weights are published.
+"""
+_MODEL_FILES = _CHECKPOINT_AND_FACENET_FILES + _PVA_FILE
+_COMMON_FILES = (
+    _CHECKPOINT_AND_FACENET_FILES
+    + f"""\
 - Reference photos: 3 to 5 photos of the person, one visible face each ({", ".join(REFERENCES)} in \
 ComfyUI/input/, or upload your own; add more with another LoadImage + Batch Images).
 - Photo to inpaint: {TARGET} and its mask {TARGET_MASK} (white = repaint, e.g. the whole face) in \
 ComfyUI/input/. Instead of a mask file you can paint the mask on the photo in the mask editor \
 and connect the photo's MASK output.
 """
+)
 
 _INPAINT_NOTE = """\
 Only the masked region is sampled (Inpaint Model Conditioning), and Image Composite Masked pastes \
@@ -141,9 +157,11 @@ original."""
 
 
 # -- building blocks ---------------------------------------------------------------------------
-def references(wf: Workflow, first_id: int, x: int, y: int) -> Link:
+def references(
+    wf: Workflow, first_id: int, x: int, y: int, title: str = "Reference photos (one person)"
+) -> Link:
     """LoadImage per reference photo, batched with Batch Images; returns the batch."""
-    grp = wf.group("Reference photos (one person)", GREEN)
+    grp = wf.group(title, GREEN)
     loads = [
         wf.add(
             first_id + i,
@@ -182,45 +200,61 @@ def identity(wf: Workflow, first_id: int, x: int, y: int, model: Link, pva: Link
     return apply[0]
 
 
+def prompts(
+    wf: Workflow, first_id: int, x: int, y: int, clip: Link, positive: str = POSITIVE
+) -> tuple[Link, Link]:
+    """Positive and negative CLIPTextEncode; returns both."""
+    grp = wf.group("Prompt", CYAN)
+    pos = wf.add(first_id, "CLIPTextEncode", (x, y), size=(400, 160), group=grp,
+                 title="Positive prompt", text=positive, clip=clip)  # fmt: skip
+    neg = wf.add(first_id + 1, "CLIPTextEncode", (x, y + 210), size=(400, 120), group=grp,
+                 title="Negative prompt", text=NEGATIVE, clip=clip)  # fmt: skip
+    return pos[0], neg[0]
+
+
+def sample_and_save(wf: Workflow, first_id: int, x: int, y: int, model: Link, vae: Link,
+                    conditioning: tuple[Link, Link], pixels: Link, mask: Link, photo: Link, prefix: str,
+                    crop_info: Link | None = None) -> None:  # fmt: skip
+    """InpaintModelConditioning -> KSampler -> VAEDecode -> paste back -> SaveImage. The paste is
+    ImageCompositeMasked through the mask, or, for crops (crop_info given), Paste Faces."""
+    grp = wf.group("Inpaint and paste back into the photo", BLUE)
+    positive, negative = conditioning
+    cond = wf.add(first_id, "InpaintModelConditioning", (x, y), size=(300, 140), group=grp,
+                  positive=positive, negative=negative, vae=vae, pixels=pixels, mask=mask, noise_mask=True)  # fmt: skip
+    sampler = wf.add(first_id + 1, "KSampler", (x, y + 200), size=(300, 262), group=grp,
+                     model=model, positive=cond[0], negative=cond[1], latent_image=cond[2], **SAMPLING)  # fmt: skip
+    decode = wf.add(
+        first_id + 2, "VAEDecode", (x + 340, y), size=(210, 46), group=grp, samples=sampler[0], vae=vae
+    )
+    if crop_info is None:
+        paste = wf.add(first_id + 3, "ImageCompositeMasked", (x + 340, y + 100), size=(250, 146), group=grp,
+                       destination=photo, source=decode[0], x=0, y=0, resize_source=False, mask=mask)  # fmt: skip
+    else:
+        paste = wf.add(first_id + 3, "PVAPasteFaces", (x + 340, y + 100), size=(260, 150), group=grp,
+                       image=photo, crops=decode[0], crop_info=crop_info, feather=8, mask=mask)  # fmt: skip
+    wf.add(
+        first_id + 4,
+        "SaveImage",
+        (x + 630, y),
+        size=(400, 440),
+        group=grp,
+        images=paste[0],
+        filename_prefix=prefix,
+    )
+
+
 def inpaint(wf: Workflow, first_id: int, x: int, y: int, model: Link, clip: Link, vae: Link,
             positive: str = POSITIVE, prefix: str = "pva/face_inpainting") -> None:  # fmt: skip
     """Photo + mask -> prompts -> InpaintModelConditioning -> KSampler -> VAEDecode ->
     ImageCompositeMasked (paste back through the mask) -> SaveImage."""
     photo_grp = wf.group("Photo to inpaint", BROWN)
-    photo = wf.add(
-        first_id,
-        "LoadImage",
-        (x, y),
-        size=(300, 330),
-        group=photo_grp,
-        title="Photo to inpaint",
-        image=TARGET,
-    )
+    photo = wf.add(first_id, "LoadImage", (x, y), size=(300, 330), group=photo_grp, title="Photo to inpaint",
+                   image=TARGET)  # fmt: skip
     mask = wf.add(first_id + 1, "LoadImageMask", (x + 330, y), size=(300, 330), group=photo_grp,
                   title="Face mask (white = repaint)", image=TARGET_MASK, channel="red")  # fmt: skip
-    prompt_grp = wf.group("Prompt", CYAN)
-    pos = wf.add(first_id + 2, "CLIPTextEncode", (x + 700, y), size=(400, 160), group=prompt_grp,
-                 title="Positive prompt", text=positive, clip=clip)  # fmt: skip
-    neg = wf.add(first_id + 3, "CLIPTextEncode", (x + 700, y + 210), size=(400, 120), group=prompt_grp,
-                 title="Negative prompt", text=NEGATIVE, clip=clip)  # fmt: skip
-    grp = wf.group("Inpaint and paste back into the photo", BLUE)
-    cond = wf.add(first_id + 4, "InpaintModelConditioning", (x + 1170, y), size=(300, 140), group=grp,
-                  positive=pos[0], negative=neg[0], vae=vae, pixels=photo[0], mask=mask[0], noise_mask=True)  # fmt: skip
-    sampler = wf.add(first_id + 5, "KSampler", (x + 1170, y + 200), size=(300, 262), group=grp,
-                     model=model, positive=cond[0], negative=cond[1], latent_image=cond[2], **SAMPLING)  # fmt: skip
-    decode = wf.add(
-        first_id + 6, "VAEDecode", (x + 1510, y), size=(210, 46), group=grp, samples=sampler[0], vae=vae
-    )
-    paste = wf.add(first_id + 7, "ImageCompositeMasked", (x + 1510, y + 100), size=(250, 146), group=grp,
-                   destination=photo[0], source=decode[0], x=0, y=0, resize_source=False, mask=mask[0])  # fmt: skip
-    wf.add(
-        first_id + 8,
-        "SaveImage",
-        (x + 1800, y),
-        size=(400, 440),
-        group=grp,
-        images=paste[0],
-        filename_prefix=prefix,
+    conditioning = prompts(wf, first_id + 2, x + 700, y, clip, positive)
+    sample_and_save(
+        wf, first_id + 4, x + 1170, y, model, vae, conditioning, photo[0], mask[0], photo[0], prefix
     )
 
 
@@ -229,6 +263,40 @@ def checkpoint_and_facenet(wf: Workflow, x: int, y: int) -> tuple[Node, Node]:
     ckpt = wf.add(2, "CheckpointLoaderSimple", (x, y), size=(380, 98), group=grp, ckpt_name=CHECKPOINT)
     facenet = wf.add(3, "PVAFaceNetLoader", (x, y + 150), size=(380, 58), group=grp, facenet_name=FACENET)
     return ckpt, facenet
+
+
+REGION_SWITCHES = (
+    "whole_face",
+    "lower_face",
+    "eyes_and_brows",
+    "eyes",
+    "nose",
+    "mouth",
+)  # Face Region Mask's switches
+
+
+def models(wf: Workflow, x: int, y: int) -> tuple[Node, Node, Node]:
+    """Checkpoint, FaceNet and PVA model loaders."""
+    ckpt, facenet = checkpoint_and_facenet(wf, x, y)
+    pva = wf.add(
+        4, "PVAModelLoader", (x, y + 260), size=(380, 58), group="Models", pva_name=PVA_FOR_CHECKPOINT
+    )
+    return ckpt, facenet, pva
+
+
+def detect(wf: Workflow, id: int, x: int, y: int, image: Link, group: str, order: str = "largest",
+           select: str = "all", if_no_face: str = "error") -> Node:  # fmt: skip
+    return wf.add(id, "PVADetectFaces", (x, y), size=(320, 200), group=group, image=image, detection_threshold=0.9,
+                  min_face_size=20, order=order, select_faces=select, if_no_face=if_no_face)  # fmt: skip
+
+
+def region_mask(wf: Workflow, id: int, x: int, y: int, faces: Link, group: str, title: str,
+                regions: tuple[str, ...] = ("whole_face",), select: str = "all", precision: float = 0.0,
+                grow: int = 8) -> Node:  # fmt: skip
+    switches = {name: name in regions for name in REGION_SWITCHES}
+    return wf.add(id, "PVAFaceRegionMask", (x, y), size=(320, 340), group=group, title=title, faces=faces,
+                  **switches, select_faces=select, masks="one per photo", precision=precision, grow=grow,
+                  feather=0)  # fmt: skip
 
 
 # -- the workflows -----------------------------------------------------------------------------
@@ -241,14 +309,9 @@ PVA identity-preserving face inpainting: the masked face is repainted as the per
 reference photos.
 
 Put these files in place, then pick them in the loaders:
-{_COMMON_FILES}\
-- Load PVA Model: a PVA model made for the checkpoint's family, in ComfyUI/models/pva/ (here \
-{PVA_FOR_CHECKPOINT}). Make one with the 'pva_quick_personalize_and_inpaint' workflow (Save PVA \
-Model); no pretrained PVA weights are published.
-
+{_COMMON_FILES}{_PVA_FILE}
 {_INPAINT_NOTE}{extra_note}""")  # fmt: skip
-    ckpt, facenet = checkpoint_and_facenet(wf, 0, 480)
-    pva = wf.add(4, "PVAModelLoader", (0, 740), size=(380, 58), group="Models", pva_name=PVA_FOR_CHECKPOINT)
+    ckpt, facenet, pva = models(wf, 0, 480)
     refs = references(wf, 5, 460, 40)
     model = identity(wf, 10, 1460, 40, ckpt[0], pva[0], facenet[0], refs, strength, start, end)
     inpaint(wf, 12, 460, 600, model, ckpt[1], ckpt[2], positive=positive, prefix=f"pva/{name}")
@@ -343,12 +406,182 @@ this gives the same picture without training again.
     return wf
 
 
+def pva_face_detailer_large_photo() -> Workflow:
+    """(e) A large photo with small faces: Detect -> Crop at the model's resolution -> inpaint the
+    crops with the identity -> Paste back."""
+    wf = Workflow("pva_face_detailer_large_photo")
+    wf.note(1, (0, 0), f"""\
+Face detailer for large photos: every face is cut out at the checkpoint's native resolution \
+(SD1.x 512, SD2.x 512/768, SDXL 1024), inpainted as the person in the reference photos, and \
+pasted back with a feathered edge. Small faces in big photos come out sharp instead of blurry; \
+every pixel outside the pasted faces stays exactly as it was.
+
+Put these files in place, then pick them in the loaders:
+{_MODEL_FILES}\
+- Reference photos: 3 to 5 photos of the person ({", ".join(REFERENCES)} in ComfyUI/input/).
+- The large photo: {LARGE_PHOTO} in ComfyUI/input/ (any size).
+
+Detect Faces is set to skip photos without a face, so a batch or a queue of photos goes on and \
+such photos come out unchanged. Its preview numbers the faces: select_faces picks some (e.g. 0 \
+or 0,2). Crop Faces' context sets how much surrounding the model sees (2 = twice the face).""")  # fmt: skip
+    ckpt, facenet, pva = models(wf, 0, 480)
+    refs = references(wf, 5, 460, 40)
+    model = identity(wf, 10, 1460, 40, ckpt[0], pva[0], facenet[0], refs)
+    grp = wf.group("Find the faces and crop them", BROWN)
+    photo = wf.add(
+        12, "LoadImage", (460, 600), size=(300, 330), group=grp, title="Large photo", image=LARGE_PHOTO
+    )
+    faces = detect(wf, 13, 790, 600, photo[0], grp, if_no_face="skip")
+    wf.add(14, "PreviewImage", (790, 860), size=(320, 300), group=grp, title="Faces found", images=faces[1])
+    crop = wf.add(15, "PVACropFaces", (1140, 600), size=(320, 230), group=grp, image=photo[0], faces=faces[0],
+                  resolution=0, context=2.0, min_face_size=0, small_faces="upscale", model=ckpt[0])  # fmt: skip
+    conditioning = prompts(wf, 16, 1500, 600, ckpt[1])
+    sample_and_save(wf, 18, 1970, 600, model, ckpt[2], conditioning, crop[0], crop[1], photo[0],
+                    "pva/pva_face_detailer_large_photo", crop_info=crop[3])  # fmt: skip
+    return wf
+
+
+def pva_two_people() -> Workflow:
+    """(f) Two people in one photo: one identity per face, each confined to its face by a region
+    mask, through two chained Apply nodes."""
+    wf = Workflow("pva_two_people")
+    wf.note(1, (0, 0), f"""\
+Two people in one photo, each keeping their own identity: Detect Faces numbers the faces left to \
+right, a region mask per face confines each identity (two chained Apply PVA Identity nodes, one \
+fused attention call), and both faces are inpainted in one pass.
+
+Put these files in place, then pick them in the loaders:
+{_MODEL_FILES}\
+- Person A (the left face): {PERSON_A}; person B (the right face): {PERSON_B}, in ComfyUI/input/. \
+More photos per person work better: add LoadImage + Batch Images.
+- The photo: {TWO_PEOPLE} in ComfyUI/input/.
+
+Swap the persons by swapping the two region masks' select_faces (0 and 1). With more people, add \
+an Encode Identity, a region mask and an Apply node per person.""")  # fmt: skip
+    ckpt, facenet, pva = models(wf, 0, 480)
+    encoded = []
+    for i, (name, label, file) in enumerate((("A", "left", PERSON_A), ("B", "right", PERSON_B))):
+        grp = wf.group(f"Person {name} ({label} face)", GREEN)
+        x = 460 + 690 * i
+        ref = wf.add(5 + 2 * i, "LoadImage", (x, 40), size=(300, 330), group=grp,
+                     title=f"Person {name}: reference photo", image=file)  # fmt: skip
+        encoded.append(wf.add(6 + 2 * i, "PVAEncodeIdentity", (x + 330, 40), size=(320, 130), group=grp,
+                              facenet=facenet[0], reference_images=ref[0], detection_threshold=0.9, face_index=0))  # fmt: skip
+    grp = wf.group("The photo and its faces", BROWN)
+    photo = wf.add(
+        9, "LoadImage", (460, 600), size=(300, 330), group=grp, title="Photo of two people", image=TWO_PEOPLE
+    )
+    faces = detect(wf, 10, 790, 600, photo[0], grp, order="left to right")
+    wf.add(11, "PreviewImage", (790, 860), size=(320, 300), group=grp, title="Faces found", images=faces[1])
+    grp = wf.group("Face region masks", BROWN)
+    masks = [
+        region_mask(wf, 12 + i, 1160 + 350 * i, 600, faces[0], grp, title, select=select)
+        for i, (title, select) in enumerate(
+            (("Face 0 (person A)", "0"), ("Face 1 (person B)", "1"), ("Both faces (repaint)", "all"))
+        )
+    ]
+    grp = wf.group("Two identities (PVA)", PURPLE)
+    model = ckpt[0]
+    for i, (ident, mask) in enumerate(zip(encoded, masks[:2], strict=True)):
+        model = wf.add(15 + i, "PVAApply", (1840 + 350 * i, 40), size=(320, 230), group=grp,
+                       title=f"Apply person {'AB'[i]}", model=model, pva_model=pva[0], identity=ident[0],
+                       strength=1.0, start_percent=0.0, end_percent=1.0, apply_to="positive", mask=mask[0])[0]  # fmt: skip
+    conditioning = prompts(wf, 17, 2250, 600, ckpt[1])
+    sample_and_save(wf, 19, 2720, 600, model, ckpt[2], conditioning, photo[0], masks[2][0], photo[0],
+                    "pva/pva_two_people")  # fmt: skip
+    return wf
+
+
+def pva_face_swap() -> Workflow:
+    """(g) Face swap as inpainting (Face-Adapter): the target's face region is repainted with the
+    source person's identity on the positive branch and the target's own on the negative one."""
+    wf = Workflow("pva_face_swap")
+    wf.note(1, (0, 0), f"""\
+Face swap as inpainting (Face-Adapter's recipe): the target photo's face is cut out, its face \
+region (precision 0.5: freedom of shape) is repainted with the source person's identity on the \
+positive branch of CFG, while the target's own identity sits on the negative branch (apply_to \
+negative), so CFG pushes away from the old face. Hair, pose, light and background stay the target's.
+
+Put these files in place, then pick them in the loaders:
+{_MODEL_FILES}\
+- Source person (the face to put in): {", ".join(REFERENCES)} in ComfyUI/input/.
+- Target photo (the face to replace): {SWAP_TARGET} in ComfyUI/input/.
+
+The negative identity needs CFG above 1 to act. Raise the source Apply node's strength for a \
+closer likeness; lower the target one's if the result drifts from the photo's look.""")  # fmt: skip
+    ckpt, facenet, pva = models(wf, 0, 480)
+    refs = references(wf, 5, 460, 40, title="Source person (the face to put in)")
+    grp = wf.group("Target photo: its face, cut out", BROWN)
+    photo = wf.add(
+        14, "LoadImage", (460, 600), size=(300, 330), group=grp, title="Target photo", image=SWAP_TARGET
+    )
+    faces = detect(wf, 15, 790, 600, photo[0], grp, select="0")
+    crop = wf.add(16, "PVACropFaces", (1140, 600), size=(320, 230), group=grp, image=photo[0], faces=faces[0],
+                  resolution=0, context=2.0, min_face_size=0, small_faces="upscale", model=ckpt[0])  # fmt: skip
+    area = region_mask(
+        wf, 17, 1140, 880, crop[2], grp, "Adapting area (the target's face)", precision=0.5, grow=16
+    )
+    grp = wf.group("Identities: source positive, target negative (PVA)", PURPLE)
+    source = wf.add(10, "PVAEncodeIdentity", (1460, 40), size=(320, 130), group=grp, title="Source identity",
+                    facenet=facenet[0], reference_images=refs, detection_threshold=0.9, face_index=0)  # fmt: skip
+    target = wf.add(12, "PVAEncodeIdentity", (1810, 40), size=(320, 130), group=grp, title="Target identity",
+                    facenet=facenet[0], reference_images=crop[0], detection_threshold=0.9, face_index=0,
+                    faces=crop[2])  # fmt: skip
+    model = wf.add(11, "PVAApply", (1460, 230), size=(320, 230), group=grp, title="Apply source (positive)",
+                   model=ckpt[0], pva_model=pva[0], identity=source[0], strength=1.0, start_percent=0.0,
+                   end_percent=1.0, apply_to="positive")  # fmt: skip
+    model = wf.add(13, "PVAApply", (1810, 230), size=(320, 230), group=grp, title="Apply target (negative)",
+                   model=model[0], pva_model=pva[0], identity=target[0], strength=1.0, start_percent=0.0,
+                   end_percent=1.0, apply_to="negative")  # fmt: skip
+    conditioning = prompts(wf, 18, 1510, 600, ckpt[1])
+    sample_and_save(wf, 20, 1980, 600, model[0], ckpt[2], conditioning, crop[0], area[0], photo[0],
+                    "pva/pva_face_swap", crop_info=crop[3])  # fmt: skip
+    return wf
+
+
+def pva_lower_face_edit() -> Workflow:
+    """(h) Repaint only the lower face, steered by a prompt ("with a beard"), keeping the identity."""
+    wf = Workflow("pva_lower_face_edit")
+    wf.note(1, (0, 0), f"""\
+Edit the lower face with a prompt ("with a beard") and keep the person: Face Region Mask makes \
+the lower-face mask (nose, mouth and chin; CelebAHQ-IDI's region) from the detected landmarks, \
+so nothing is painted by hand, and only that region is repainted.
+
+Put these files in place, then pick them in the loaders:
+{_MODEL_FILES}\
+- Reference photos: 3 to 5 photos of the person ({", ".join(REFERENCES)} in ComfyUI/input/).
+- Photo to edit: {TARGET} in ComfyUI/input/.
+
+Apply PVA Identity's strength 0.8 and start_percent 0.1 leave the start of the schedule to the \
+prompt. Precision 0.3 rounds the mask towards a box, giving the beard room; other regions (eyes, \
+mouth, ...) are switches on the mask node.""")  # fmt: skip
+    ckpt, facenet, pva = models(wf, 0, 480)
+    refs = references(wf, 5, 460, 40)
+    model = identity(wf, 10, 1460, 40, ckpt[0], pva[0], facenet[0], refs, strength=0.8, start=0.1)
+    grp = wf.group("Photo and its lower-face mask", BROWN)
+    photo = wf.add(
+        12, "LoadImage", (460, 600), size=(300, 330), group=grp, title="Photo to edit", image=TARGET
+    )
+    faces = detect(wf, 13, 790, 600, photo[0], grp, select="0")
+    mask = region_mask(
+        wf, 14, 1140, 600, faces[0], grp, "Lower face", regions=("lower_face",), precision=0.3, grow=4
+    )
+    conditioning = prompts(wf, 15, 1510, 600, ckpt[1], POSITIVE_BEARD)
+    sample_and_save(wf, 17, 1980, 600, model, ckpt[2], conditioning, photo[0], mask[0], photo[0],
+                    "pva/pva_lower_face_edit")  # fmt: skip
+    return wf
+
+
 def workflows() -> list[Workflow]:
     return [
         pva_face_inpainting(),
         pva_face_inpainting_with_prompt(),
         pva_quick_personalize_and_inpaint(),
         pva_inpaint_with_saved_person(),
+        pva_face_detailer_large_photo(),
+        pva_two_people(),
+        pva_face_swap(),
+        pva_lower_face_edit(),
     ]
 
 

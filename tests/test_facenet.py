@@ -180,3 +180,24 @@ def test_batchnorm_counters_are_optional(reference, crops, tmp_path):
     save_file(state, str(path))
     with torch.no_grad():
         torch.testing.assert_close(load_facenet(path).embed(crops), reference(crops))
+
+
+def test_the_test_suites_random_facenet_tells_people_apart():
+    """The end-to-end tests' FaceNet (random weights, BatchNorm calibrated on real faces) gives
+    two different people clearly different embeddings, and one person's two photos closer ones:
+    otherwise every end-to-end 'two identities' check would compare one identity with itself."""
+    from harness.checkpoints import facenet_random_weights
+    from harness.portraits import portrait
+
+    from pva.face_embeddings import embed_photos
+
+    facenet = load_facenet(facenet_random_weights())
+
+    def embedding(name):
+        return embed_photos(torch.from_numpy(portrait(name)).float().div(255)[None], facenet).embeddings[0]
+
+    astronaut, veil = embedding("astronaut"), embedding("veil")
+    before, after = embedding("wheat_before"), embedding("wheat_after")
+    different, same = float(astronaut @ veil), float(before @ after)
+    print(f"\n[facenet] test FaceNet cosine: two people {different:.3f}, one person twice {same:.3f}")
+    assert different < 0.5 and same > different + 0.2

@@ -100,6 +100,70 @@ def test_positive_scope_leaves_negative_half_of_cfg_batch_alone():
     assert (positive[1] - cond_only[0]).abs().max() <= 1e-5
 
 
+def test_negative_scope_changes_only_the_uncond_rows_of_a_cfg_batch():
+    """apply_to = negative (Face-Adapter's face swap: the target's own identity as the negative
+    condition): the cond rows are the base model's bit for bit, the uncond rows are what the
+    identity gives an uncond-only batch."""
+    model = tiny_model("sd15")
+    pva = PVAModel.initialize_from(model, num_tokens=4, encoder_depth=1)
+    inputs = unet_inputs(model, batch=4)
+    options = {"cond_or_uncond": [1, 0]}  # rows 0-1 uncond, rows 2-3 cond
+    base = run_unet(model, inputs, options)
+    negative = run_unet(apply_identity(model, pva, _tokens(pva, 1), scope="negative"), inputs, options)
+    assert torch.equal(negative[2:], base[2:]), (negative[2:] - base[2:]).abs().max()
+    assert (negative[:2] - base[:2]).abs().amin(dim=(1, 2, 3)).min() > 0
+    assert (negative[:2] - base[:2]).abs().max() > 1e-3
+    uncond_only = run_unet(
+        apply_identity(model, pva, _tokens(pva, 1), scope="both"),
+        {k: v[:2] for k, v in inputs.items()},
+        {"cond_or_uncond": [1]},
+    )
+    # (a batch of 2 instead of 4 rounds the convolutions differently: equal to float precision)
+    assert (negative[:2] - uncond_only).abs().max() <= 1e-5
+    # a cond-only batch, and a batch without CFG information (counted as positive), are untouched
+    assert torch.equal(
+        run_unet(
+            apply_identity(model, pva, _tokens(pva, 1), scope="negative"), inputs, {"cond_or_uncond": [0]}
+        ),
+        run_unet(model, inputs, {"cond_or_uncond": [0]}),
+    )
+    assert torch.equal(
+        run_unet(apply_identity(model, pva, _tokens(pva, 1), scope="negative"), inputs),
+        run_unet(model, inputs),
+    )
+
+
+def test_negative_scope_without_splitting_the_batch_masks_the_cond_rows():
+    """Per-sample tokens (as in training) keep the CFG batch whole: there the cond rows see the
+    negative identity through a -inf bias, which must leave them the base model's."""
+    model = tiny_model("sd15")
+    pva = PVAModel.initialize_from(model, num_tokens=4, encoder_depth=1)
+    inputs = unet_inputs(model, batch=2)
+    options = {"cond_or_uncond": [1, 0]}
+    tokens = _tokens(pva, 1).expand(2, -1, -1)
+    base = run_unet(model, inputs, options)
+    negative = run_unet(apply_identity(model, pva, tokens, scope="negative"), inputs, options)
+    assert (negative[1] - base[1]).abs().max() <= 1e-5
+    assert (negative[0] - base[0]).abs().max() > 1e-3
+
+
+def test_face_swap_identities_each_act_on_their_own_branch():
+    """Source identity positive, target identity negative, chained: the cond rows are exactly
+    the source-only model's, the uncond rows exactly the target-only model's."""
+    model = tiny_model("sd15")
+    pva = PVAModel.initialize_from(model, num_tokens=4, encoder_depth=1)
+    inputs = unet_inputs(model, batch=2)
+    options = {"cond_or_uncond": [1, 0]}
+    source, target = _tokens(pva, 1), _tokens(pva, 2)
+    swap = apply_identity(apply_identity(model, pva, source), pva, target, scope="negative")
+    swapped = run_unet(swap, inputs, options)
+    source_only = run_unet(apply_identity(model, pva, source), inputs, options)
+    target_only = run_unet(apply_identity(model, pva, target, scope="negative"), inputs, options)
+    assert torch.equal(swapped[1], source_only[1])
+    assert torch.equal(swapped[0], target_only[0])
+    assert (source_only[0] - target_only[0]).abs().max() > 1e-3  # the two rows did differ
+
+
 def test_uncond_half_skips_the_wide_attention(monkeypatch):
     """Positive-only identities: the uncond samples of a CFG batch take the original attention,
     so the fused (wider, costlier) call sees only the cond samples."""

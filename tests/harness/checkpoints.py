@@ -7,7 +7,8 @@ end-to-end tests use files with exactly the real layouts:
   text encoder, SD VAE) assembled from ComfyUI's own classes, fp16, with the key names of a real
   SD1.5 `.safetensors` checkpoint (`model.diffusion_model.`, `cond_stage_model.transformer.
   text_model.`, `first_stage_model.`). About 2.1 GB, built in well under a minute.
-- `facenet_random_weights()`: a randomly initialized facenet-pytorch InceptionResnetV1 state dict.
+- `facenet_random_weights()`: a randomly initialized facenet-pytorch InceptionResnetV1 state dict,
+  its BatchNorm statistics measured on real face crops (so it tells people apart).
 
 The checkpoint is written tensor by tensor (a streaming safetensors writer), one component in
 memory at a time, to a temporary file that is renamed into place; a lock file keeps concurrent
@@ -32,7 +33,7 @@ from .host import import_comfy_on_cpu
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT_FILE = f"sd15-inpainting-random-v{CHECKPOINT_VERSION}.safetensors"
-FACENET_VERSION = 1
+FACENET_VERSION = 2
 FACENET_FILE = f"facenet-inception-resnet-v1-random-v{FACENET_VERSION}.pt"
 
 # comfy.model_detection's SD15 UNet config, with the inpainting model's 9 input channels
@@ -232,16 +233,52 @@ def sd15_inpaint_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def facenet_random_weights(path: str | os.PathLike | None = None, seed: int = 0) -> Path:
     """Save a randomly initialized facenet-pytorch InceptionResnetV1 (512-d embeddings) state dict
-    as a .pt file of plain tensors, like the real VGGFace2 file (which also has `logits.*`)."""
+    as a .pt file of plain tensors, like the real VGGFace2 file (which also has `logits.*`).
+
+    Its BatchNorm statistics are measured on real aligned face crops, as a trained network's are:
+    with the default ones (mean 0, variance 1) the random network maps every face to almost the
+    same embedding (cosine 0.9999 between the astronaut and another woman; 0.04 calibrated), and
+    two people would give the same identity in every end-to-end test."""
     from facenet_pytorch import InceptionResnetV1
 
     def build(temporary: Path) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = InceptionResnetV1(pretrained=None, classify=False)
+        _calibrate_batch_norm(model, _real_face_crops())
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, temporary)
 
     return cached_file(Path(path) if path is not None else default_cache_dir() / FACENET_FILE, build)
+
+
+def _real_face_crops() -> torch.Tensor:
+    """FaceNet-ready crops of every portrait that ships in installed packages, and their mirror
+    images, [N, 3, 160, 160]."""
+    from pva.faces import align_faces, find_faces
+
+    from .portraits import TEMPLATE_PHOTOS, portrait
+
+    crops = []
+    for name in ("astronaut", *TEMPLATE_PHOTOS):
+        photo = torch.from_numpy(portrait(name)).float().div(255)[None]
+        crops.append(align_faces(photo, [find_faces(photo).photos[0].faces[0]]))
+    crops = torch.cat(crops)
+    return torch.cat([crops, crops.flip(-1)])
+
+
+def _calibrate_batch_norm(model: torch.nn.Module, inputs: torch.Tensor) -> None:
+    """Set every BatchNorm's running statistics to those of `inputs` (one pass, exact averages)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average: after one batch, that batch's statistics
+    model.train()
+    with torch.inference_mode(False), torch.no_grad():
+        model(inputs)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = 0.1
+    model.eval()
 
 
 # Names under which a test server's model folders see the cached files.

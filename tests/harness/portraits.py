@@ -66,3 +66,28 @@ def portrait(name: str) -> np.ndarray:
         return np.ascontiguousarray(data.astronaut())
     with Image.open(template_photo_path(name)) as image:
         return np.asarray(image.convert("RGB")).copy()
+
+
+def canvas_with_portraits(height: int, width: int, placements: list[tuple[str, int, int, int]]) -> np.ndarray:
+    """A grey canvas with whole portraits scaled into it, e.g. a small real face in a large
+    photo. placements: (portrait name, left, top, side) each; [height, width, 3] uint8."""
+    canvas = np.full((height, width, 3), 115, dtype=np.uint8)
+    for name, left, top, side in placements:
+        image = Image.fromarray(portrait(name)).resize((side, side), Image.Resampling.LANCZOS)
+        canvas[top : top + side, left : left + side] = np.asarray(image)
+    return canvas
+
+
+def large_photo() -> np.ndarray:
+    """1536x1536: the astronaut's whole portrait shrunk to 256 px, so her face is about 45 px."""
+    return canvas_with_portraits(1536, 1536, [("astronaut", 640, 900, 256)])
+
+
+def two_people_photo() -> np.ndarray:
+    """320x192: the astronaut (left, face about 34 px) and the woman of the "veil" portrait
+    (right, about 77 px), side by side. Small, so that sampling it is cheap."""
+    return canvas_with_portraits(192, 320, [("astronaut", 0, 16, 160), ("veil", 160, 16, 160)])
+
+
+def small_portrait(name: str, size: int = 256) -> np.ndarray:
+    return np.asarray(Image.fromarray(portrait(name)).resize((size, size), Image.Resampling.LANCZOS))
