@@ -8,13 +8,13 @@ provenance (json).
 
 import json
 import os
-import uuid
 from pathlib import Path
 
 import safetensors
 import safetensors.torch
 import torch
 
+from .atomic import atomic_write
 from .errors import PVAWeightsError
 from .identity_encoder import IdentityEncoder
 from .layers import LayerSpec
@@ -49,28 +49,14 @@ def metadata_for_file(pva: PVAModel) -> dict[str, str]:
 
 
 def save_pva(pva: PVAModel, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write atomically: a temp file in the same folder, then rename over the target."""
+    """Write atomically (pva.atomic): never a half-written file under the final name."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise PVAWeightsError(
             f"{path.name} already exists in {path.parent}; choose another name or allow overwriting."
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.stem}-{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        # A file made by open() has the permissions the user's umask gives; safetensors writes
-        # 0600 files, which other users of a shared ComfyUI could not read.
-        open(temp, "xb").close()
-        mode = temp.stat().st_mode & 0o777
-        safetensors.torch.save_file(state_dict_for_file(pva), str(temp), metadata=metadata_for_file(pva))
-        os.chmod(temp, mode)
-        with open(temp, "rb") as written:
-            os.fsync(written.fileno())  # on disk before it takes the final name
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return path
+    tensors, metadata = state_dict_for_file(pva), metadata_for_file(pva)
+    return atomic_write(path, lambda temp: safetensors.torch.save_file(tensors, str(temp), metadata=metadata))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
