@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from harness.portraits import SAME_PERSON_PAIRS, SINGLE_PORTRAITS, portrait
+from harness.tiny_models import export_onnx, tiny_arcface
 
 from pva.errors import NoFaceFoundError, PVAError, PVAWeightsError
 from pva.faces import find_faces
@@ -213,26 +214,9 @@ class _Normalizing(torch.nn.Module):
         return self.net((x - 127.5) * 0.0078125)
 
 
-def _tiny_arcface(seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, stride=2),
-        torch.nn.Flatten(), torch.nn.Linear(16 * 13 * 13, 32),
-    ).eval()  # fmt: skip
-
-
-def export_onnx(net: torch.nn.Module, path) -> str:
-    torch.onnx.export(
-        net, (torch.randn(2, 3, 112, 112),), str(path), dynamo=False, input_names=["input.1"],
-        output_names=["embedding"], dynamic_axes={"input.1": {0: "batch"}, "embedding": {0: "batch"}},
-    )  # fmt: skip
-    return str(path)
-
-
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("normalizes_itself", [False, True])
 def test_onnx_recognizer_feeds_insightface_input_convention(tmp_path, normalizes_itself):
-    net = _tiny_arcface(0)
+    net = tiny_arcface(0)
     exported = _Normalizing(net) if normalizes_itself else net
     recognizer = load_recognizer(f"onnx:{export_onnx(exported, tmp_path / 'tiny.onnx')}")
     assert recognizer.raw_pixels is normalizes_itself and recognizer.size == 112
