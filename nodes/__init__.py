@@ -5,6 +5,7 @@ from .identity import PVAEncodeIdentity
 from .loaders import PVAFaceNetLoader, PVAInitializeFromModel, PVAModelLoader
 from .personalize import PVAQuickPersonalize
 from .save import PVASaveModel
+from .similarity import PVAIdentitySimilarity
 
 NODES = [
     PVAFaceNetLoader,
@@ -14,4 +15,5 @@ NODES = [
     PVAApply,
     PVAQuickPersonalize,
     PVASaveModel,
+    PVAIdentitySimilarity,
 ]

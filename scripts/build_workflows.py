@@ -183,9 +183,9 @@ def identity(wf: Workflow, first_id: int, x: int, y: int, model: Link, pva: Link
 
 
 def inpaint(wf: Workflow, first_id: int, x: int, y: int, model: Link, clip: Link, vae: Link,
-            positive: str = POSITIVE, prefix: str = "pva/face_inpainting") -> None:  # fmt: skip
+            positive: str = POSITIVE, prefix: str = "pva/face_inpainting") -> Link:  # fmt: skip
     """Photo + mask -> prompts -> InpaintModelConditioning -> KSampler -> VAEDecode ->
-    ImageCompositeMasked (paste back through the mask) -> SaveImage."""
+    ImageCompositeMasked (paste back through the mask) -> SaveImage; returns the pasted photo."""
     photo_grp = wf.group("Photo to inpaint", BROWN)
     photo = wf.add(
         first_id,
@@ -222,6 +222,7 @@ def inpaint(wf: Workflow, first_id: int, x: int, y: int, model: Link, clip: Link
         images=paste[0],
         filename_prefix=prefix,
     )
+    return paste[0]
 
 
 def checkpoint_and_facenet(wf: Workflow, x: int, y: int) -> tuple[Node, Node]:
@@ -343,12 +344,45 @@ this gives the same picture without training again.
     return wf
 
 
+def pva_inpaint_and_measure_identity() -> Workflow:
+    """(e) As (a), then Identity Similarity scores the inpainted photo against the references."""
+    wf = Workflow("pva_inpaint_and_measure_identity")
+    wf.note(1, (0, 0), f"""\
+Inpaint a face with PVA, then check "is this still the person?": Identity Similarity (PVA) \
+compares the inpainted photo with the reference photos.
+
+Put these files in place, then pick them in the loaders:
+{_COMMON_FILES}\
+- Load PVA Model: a PVA model made for the checkpoint's family, in ComfyUI/models/pva/ (here \
+{PVA_FOR_CHECKPOINT}).
+- Identity Similarity uses dlib's face recognizer, independent of PVA (optional package: \
+pip install --no-deps dlib-bin==20.0.1.post1 face-recognition-models==0.3.0). Or put an \
+ArcFace/CosFace .onnx (e.g. insightface's glintr100.onnx, close to the paper's CosFace R100) in \
+ComfyUI/models/face_recognition/ and pick it (needs onnxruntime).
+
+The similarity is the cosine of recognizer features (the paper's ID similarity; its PVA scores \
+0.741 with CosFace R100 against the ground truth); the node draws the face box and score on the \
+photo, and its summary gives dlib's own same-person verdict.
+
+{_INPAINT_NOTE}""")  # fmt: skip
+    ckpt, facenet = checkpoint_and_facenet(wf, 0, 480)
+    pva = wf.add(4, "PVAModelLoader", (0, 740), size=(380, 58), group="Models", pva_name=PVA_FOR_CHECKPOINT)
+    refs = references(wf, 5, 460, 40)
+    model = identity(wf, 10, 1460, 40, ckpt[0], pva[0], facenet[0], refs)
+    pasted = inpaint(wf, 12, 460, 600, model, ckpt[1], ckpt[2], prefix="pva/pva_inpaint_and_measure_identity")
+    grp = wf.group("Is this still the person?", GREEN)
+    wf.add(21, "PVAIdentitySimilarity", (2700, 600), size=(400, 560), group=grp, images=pasted,
+           recognizer="dlib", reference_images=refs, faces="detect", detection_threshold=0.9, face_index=0)  # fmt: skip
+    return wf
+
+
 def workflows() -> list[Workflow]:
     return [
         pva_face_inpainting(),
         pva_face_inpainting_with_prompt(),
         pva_quick_personalize_and_inpaint(),
         pva_inpaint_with_saved_person(),
+        pva_inpaint_and_measure_identity(),
     ]
 
 

@@ -77,8 +77,8 @@ class FaceLocator:
         if self.mode == "aligned":
             return f"aligned photos, fixed face crop {tuple(round(c, 4) for c in self.crop)} (no detector)"
         return (
-            f"MTCNN detection (threshold {self.detection.threshold:g}, face {self.face_index} in "
-            f"'{self.detection.order}' order)"
+            f"MTCNN detection, threshold {self.detection.threshold:g}, face {self.face_index} in "
+            f"'{self.detection.order}' order"
         )
 
 

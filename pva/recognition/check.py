@@ -49,7 +49,7 @@ def check_identity(
         )
     scores = score_photos(recognizer, photos, references, locator, "images")
     values = [NO_FACE_SCORE if s.similarity is None else s.similarity for s in scores]
-    lines = [f"Identity similarity ({recognizer.label}): cosine to {source}, higher = more alike."]
+    lines = [f"Identity similarity by {recognizer.label}: cosine to {source}, higher = more alike."]
     for i, score in enumerate(scores):
         if score.similarity is None:
             lines.append(f"image {i + 1}: no face found ({locator.describe()}); scored {NO_FACE_SCORE:g}.")
