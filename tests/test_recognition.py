@@ -106,6 +106,10 @@ def test_dlib_verdict_and_scores_through_the_common_interface(dlib):
     assert different.verdict.startswith("different person"), different.verdict
     assert same.similarity > different.similarity
     assert blank.face is None and blank.similarity is None  # no face: no score, no crash
+    # the score is the cosine of the two descriptors, computed here independently
+    a = dlib.embed([mirror(astronaut)], [same.face])[0].numpy()
+    b = references[0].numpy()
+    assert same.similarity == pytest.approx(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)), abs=1e-6)
 
 
 def test_check_identity_summarizes_and_draws(dlib):

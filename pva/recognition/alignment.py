@@ -6,8 +6,9 @@ Two ways to locate the face:
 - aligned: the photo is already a face-aligned crop (CelebA-HQ, CelebAHQ-IDI, faces generated
   from aligned training data), and the face sits at a fixed place. The research code scores such
   photos without a detector, on a fixed crop: at 256 px, rows 35..223 and columns 32..220. The
-  crop becomes a DetectedFace whose landmarks are the ArcFace template placed in that box, so
-  every recognizer (and the facial-region masks) reads it like a detected face.
+  crop becomes a DetectedFace whose landmarks are the ArcFace template placed in that crop and
+  whose box is where MTCNN's box sits relative to those landmarks, so every recognizer (and the
+  facial-region masks) reads it like a detected face.
 """
 
 from __future__ import annotations
@@ -31,20 +32,26 @@ ARCFACE_TEMPLATE = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
 )
 ARCFACE_SIZE = 112
+# MTCNN's face box in the template's coordinates: the mean over the nine real portraits of
+# tests/harness/portraits.py (each within about 9 px).
+TEMPLATE_FACE_BOX = (19.0, 12.0, 94.0, 117.0)
 
 
 def aligned_face(
     height: int, width: int, crop: tuple[float, float, float, float] = ALIGNED_CROP
 ) -> DetectedFace:
-    """The fixed face of an aligned photo: the crop box, with the template's landmarks in it."""
+    """The fixed face of an aligned photo: the template's landmarks placed in the crop, and the
+    face box MTCNN would give for them."""
     x1, y1, x2, y2 = crop[0] * width, crop[1] * height, crop[2] * width, crop[3] * height
     sx, sy = (x2 - x1) / ARCFACE_SIZE, (y2 - y1) / ARCFACE_SIZE
-    # box edges are pixel edges; landmarks are pixel-centre coordinates (crop pixel u covers
-    # x1 + u * sx .. x1 + (u + 1) * sx of the photo)
+    # crop pixel u covers x1 + u * sx .. x1 + (u + 1) * sx of the photo: box edges are pixel
+    # edges, landmarks pixel-centre coordinates
     landmarks = tuple(
         (float(x1 + (x + 0.5) * sx - 0.5), float(y1 + (y + 0.5) * sy - 0.5)) for x, y in ARCFACE_TEMPLATE
     )
-    return DetectedFace(box=(x1, y1, x2, y2), landmarks=landmarks, probability=1.0)
+    bx1, by1, bx2, by2 = TEMPLATE_FACE_BOX
+    box = (x1 + bx1 * sx, y1 + by1 * sy, x1 + bx2 * sx, y1 + by2 * sy)
+    return DetectedFace(box=box, landmarks=landmarks, probability=1.0)
 
 
 @dataclass(frozen=True)
