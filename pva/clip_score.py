@@ -4,7 +4,7 @@ cosine with OpenAI's ViT-B/32; torchmetrics' "CLIPScore" is 100 x max(cosine, 0)
 
 The model is a HuggingFace CLIP folder the user gives (config.json, weights, tokenizer and
 preprocessor files, e.g. a local copy of openai/clip-vit-base-patch32); it is read with
-local_files_only, so nothing is downloaded."""
+local_files_only, so nothing is downloaded unless the user allows it."""
 
 from __future__ import annotations
 
@@ -25,14 +25,19 @@ CLIP_HINT = (
 
 
 class ClipScorer:
-    def __init__(self, folder: str | os.PathLike, device: str | torch.device = "cpu"):
+    def __init__(
+        self, folder: str | os.PathLike, device: str | torch.device = "cpu", allow_download: bool = False
+    ):
+        """`folder`: a local CLIP folder; with `allow_download` also a hub name such as
+        openai/clip-vit-base-patch32 (transformers' own download and cache)."""
         transformers = require("transformers")
         folder = Path(folder)
-        if not (folder / "config.json").is_file():
+        if not allow_download and not (folder / "config.json").is_file():
             raise PVAWeightsError(f"CLIP model {folder}: no config.json there; {CLIP_HINT}.")
+        local = not allow_download
         try:
-            self.model = transformers.CLIPModel.from_pretrained(str(folder), local_files_only=True)
-            self.processor = transformers.CLIPProcessor.from_pretrained(str(folder), local_files_only=True)
+            self.model = transformers.CLIPModel.from_pretrained(str(folder), local_files_only=local)
+            self.processor = transformers.CLIPProcessor.from_pretrained(str(folder), local_files_only=local)
         except (OSError, ValueError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise PVAWeightsError(

@@ -5,7 +5,7 @@ ground-truth photos, on Inception-v3 pool features.
   behind clean-fid, torchmetrics and the original TTUR code), from a local weights file the user
   gives (`pt_inception-2015-12-05-6726825d.pth`, or a .safetensors conversion); torchmetrics'
   variant that resizes to 299 with antialiasing (as clean-fid's protocol does, with bilinear
-  instead of PIL bicubic filtering). Nothing is downloaded.
+  instead of PIL bicubic filtering). Nothing is downloaded unless the user allows it.
 - The statistics: torchmetrics' FID (float64, eigenvalue matrix square root) and KID (unbiased
   polynomial-kernel MMD over random subsets). KID's subsets are min(1000, n) images, as clean-fid
   does, so it works with fewer images than the usual subset size; seeded, so it repeats exactly.
@@ -46,6 +46,19 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PVAWeightsError(f"Inception weights {path}: not a state dict of tensors; {INCEPTION_HINT}.")
     return state
+
+
+def download_inception() -> Path:
+    """torch-fidelity's own download of its weights into torch's hub cache (only when a user
+    allows downloads; the file is then read like a local one)."""
+    from torch.hub import download_url_to_file, get_dir
+
+    url = require("torch_fidelity.feature_extractor_inceptionv3").URL_INCEPTION_V3
+    target = Path(get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        download_url_to_file(url, str(target))
+    return target
 
 
 def load_inception(path: str | os.PathLike) -> torch.nn.Module:

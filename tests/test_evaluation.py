@@ -269,7 +269,20 @@ def celebahq_idi_export(root: Path, folders: Path) -> Path:
     return root
 
 
-# -- scripts/evaluate under torchrun -----------------------------------------------------------
+# -- scripts/evaluate ----------------------------------------------------------------------------
+def test_script_names_a_missing_weights_file(tmp_path):
+    data = write_synthetic_split(tmp_path / "data", people=2, photos=2, size=64)
+    missing = tmp_path / "no-such-checkpoint.safetensors"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts/evaluate"), "--cpu", "--checkpoint", str(missing),
+         "--data", str(data), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: checkpoint {missing} not found" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.training
 def test_script_shares_identities_among_processes_and_paints_what_one_process_does(tmp_path):
