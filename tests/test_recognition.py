@@ -3,9 +3,9 @@
 - dlib (independent of PVA): the same person (a photo and its mirror image; two template photos
   of one woman before and after an edit or an inpainting) is closer than dlib's 0.6 rule, and
   every same-person pair is closer than every pair of different people. The astronaut against
-  the seven other people is farther than 0.6. (Measured: three pairs of young women among
-  ComfyUI's template portraits also fall below 0.6 with dlib, see the printed matrix; dlib's
-  own rule is not claimed for them.)
+  the seven other people is farther than 0.6. (Measured: two pairs of different young women
+  among ComfyUI's template portraits, lilac~wheat 0.52 and veil~turtleneck 0.57, also fall below
+  0.6 with dlib, see the printed distances; dlib's own rule is not claimed for them.)
 - ONNX ArcFace/CosFace: what onnxruntime computes equals the exported network applied to the
   ArcFace crop in insightface's input convention (RGB, (x - 127.5) / 127.5, or raw pixels for
   models that normalize inside), and the crop puts the detected landmarks on the template.

@@ -48,7 +48,7 @@ class EvaluationSettings:
     negative_prompt: str = ""
     edits: tuple[str, ...] = ()  # CLIP score: inpaint the whole face with "<prompt>, <edit>"
     seed: int = 0
-    steps: int = 50
+    steps: int = 100
     cfg: float = 6.0
     # the research code samples DDIM with eta 1 (100 steps): ancestral steps on DDIM's schedule
     sampler: str = "euler_ancestral"
