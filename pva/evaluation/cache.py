@@ -8,12 +8,12 @@ import re
 import zlib
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ..atomic import atomic_write, atomic_write_json
 from ..errors import PVAError
+from .plan import read_image
 
 SETTINGS_FILE = "run.json"
 
@@ -65,8 +65,7 @@ class RunFolder:
 
     @staticmethod
     def load_picture(path: Path) -> torch.Tensor:
-        with Image.open(path) as image:
-            return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).copy() / 255)
+        return read_image(path, "picture of the run folder")
 
     def ground_truth(self, person: str, photo_key: str) -> Path:
         """The target at the working resolution: what results are compared with."""

@@ -56,27 +56,25 @@ def _plan(person: Person, references: int) -> IdentityPlan:
 
 
 # -- pictures ------------------------------------------------------------------------------------
-def read_image(path: Path, what: str = "image") -> torch.Tensor:
-    """[H, W, 3] float 0..1 RGB."""
+def _read(path: Path, mode: str, what: str) -> np.ndarray:
+    """[H, W(, C)] float 0..1 pixels of an image file in PIL `mode`."""
     if not path.is_file():
         raise PVAError(f"{what} {path} does not exist; the dataset or its split file names a missing file.")
     try:
         with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+            return np.asarray(image.convert(mode), dtype=np.float32) / 255
     except (UnidentifiedImageError, OSError) as error:
         raise PVAError(f"{what} {path} cannot be read as an image ({error}).") from None
-    return torch.from_numpy(pixels.copy())
+
+
+def read_image(path: Path, what: str = "image") -> torch.Tensor:
+    """[H, W, 3] float 0..1 RGB."""
+    return torch.from_numpy(_read(path, "RGB", what).copy())
 
 
 def read_mask(path: Path, size: tuple[int, int], image_path: Path) -> torch.Tensor:
     """[H, W] 0/1 (1 = inpaint, as CelebAHQ-IDI's masks) at the photo's own size."""
-    if not path.is_file():
-        raise PVAError(f"mask {path} does not exist (needed for {image_path}).")
-    try:
-        with Image.open(path) as image:
-            mask = np.asarray(image.convert("L"), dtype=np.float32) / 255
-    except (UnidentifiedImageError, OSError) as error:
-        raise PVAError(f"mask {path} cannot be read as an image ({error}).") from None
+    mask = _read(path, "L", f"mask (for {image_path})")
     if mask.shape != size:
         raise PVAError(
             f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its photo {image_path} is {size[1]}x{size[0]}; "
