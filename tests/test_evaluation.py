@@ -274,7 +274,8 @@ def test_script_names_a_missing_weights_file(tmp_path):
     data = write_synthetic_split(tmp_path / "data", people=2, photos=2, size=64)
     missing = tmp_path / "no-such-checkpoint.safetensors"
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts/evaluate"), "--cpu", "--checkpoint", str(missing),
+        # no --cpu: the script finds that torch sees no GPU (else ComfyUI would fail looking for one)
+        [sys.executable, str(REPO_ROOT / "scripts/evaluate"), "--checkpoint", str(missing),
          "--data", str(data), "--out", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
