@@ -7,6 +7,7 @@ from .identity import PVAEncodeIdentity
 from .loaders import PVAFaceNetLoader, PVAInitializeFromModel, PVAModelLoader
 from .personalize import PVAQuickPersonalize
 from .save import PVASaveModel
+from .similarity import PVAIdentitySimilarity
 
 NODES = [
     PVAFaceNetLoader,
@@ -20,4 +21,5 @@ NODES = [
     PVAPasteFaces,
     PVAQuickPersonalize,
     PVASaveModel,
+    PVAIdentitySimilarity,
 ]

@@ -1,4 +1,5 @@
-"""Model folders: ComfyUI/models/pva and ComfyUI/models/facenet (extra_model_paths.yaml works too)."""
+"""Model folders: ComfyUI/models/pva, models/facenet and models/face_recognition (extra_model_paths.yaml
+works too)."""
 
 import os
 
@@ -7,6 +8,7 @@ import folder_paths
 MODEL_FOLDERS = {
     "pva": {".safetensors"},
     "facenet": {".pt", ".pth", ".safetensors"},
+    "face_recognition": {".onnx"},  # ArcFace/CosFace recognizers for Identity Similarity
 }
 
 

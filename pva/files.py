@@ -36,7 +36,9 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     return path
 
 
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    return write_atomically(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+
 def write_json_atomically(path: str | os.PathLike, data: object) -> Path:
-    return write_atomically(
-        path, lambda temp: temp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    )
+    return write_text_atomically(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

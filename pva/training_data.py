@@ -8,7 +8,7 @@ from .errors import PVAError
 from .face_crops import crop_face
 from .face_embeddings import embed_photos
 from .facenet import FaceNet
-from .faces import DetectionSettings, ImageBatch, image_list
+from .faces import DetectionSettings, Faces, ImageBatch, image_list
 from .regions import region_mask
 
 
@@ -39,15 +39,18 @@ def prepare_personalization_data(
     threshold: float = 0.9,
     context: float = 2.0,
     face_index: int = 0,
+    faces: Faces | None = None,
 ) -> PersonalizationData:
     """Detect, crop and embed the reference photos (the `face_index`-th face of each, in
-    largest-first order); build each one's whole-face mask."""
+    largest-first order); build each one's whole-face mask. `faces`: faces located earlier
+    (e.g. the fixed crop of aligned photos, which MTCNN need not find) instead of detecting."""
     if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] == 0:
         raise PVAError("reference_images: the batch is empty; connect at least one photo of the person.")
     photos = image_list(images)
     embedded = embed_photos(
         photos,
         facenet,
+        faces=faces,
         detection=DetectionSettings(threshold=threshold),
         selection=(face_index,),
         mirrored=True,

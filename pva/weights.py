@@ -49,7 +49,7 @@ def metadata_for_file(pva: PVAModel) -> dict[str, str]:
 
 
 def save_pva(pva: PVAModel, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write atomically: a temp file in the same folder, then rename over the target."""
+    """Write atomically (pva.files): never a half-written file under the final name."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise PVAWeightsError(

@@ -214,9 +214,10 @@ def prompts(
 
 def sample_and_save(wf: Workflow, first_id: int, x: int, y: int, model: Link, vae: Link,
                     conditioning: tuple[Link, Link], pixels: Link, mask: Link, photo: Link, prefix: str,
-                    crop_info: Link | None = None) -> None:  # fmt: skip
+                    crop_info: Link | None = None) -> Link:  # fmt: skip
     """InpaintModelConditioning -> KSampler -> VAEDecode -> paste back -> SaveImage. The paste is
-    ImageCompositeMasked through the mask, or, for crops (crop_info given), Paste Faces."""
+    ImageCompositeMasked through the mask, or, for crops (crop_info given), Paste Faces. Returns
+    the pasted photo."""
     grp = wf.group("Inpaint and paste back into the photo", BLUE)
     positive, negative = conditioning
     cond = wf.add(first_id, "InpaintModelConditioning", (x, y), size=(300, 140), group=grp,
@@ -241,19 +242,20 @@ def sample_and_save(wf: Workflow, first_id: int, x: int, y: int, model: Link, va
         images=paste[0],
         filename_prefix=prefix,
     )
+    return paste[0]
 
 
 def inpaint(wf: Workflow, first_id: int, x: int, y: int, model: Link, clip: Link, vae: Link,
-            positive: str = POSITIVE, prefix: str = "pva/face_inpainting") -> None:  # fmt: skip
+            positive: str = POSITIVE, prefix: str = "pva/face_inpainting") -> Link:  # fmt: skip
     """Photo + mask -> prompts -> InpaintModelConditioning -> KSampler -> VAEDecode ->
-    ImageCompositeMasked (paste back through the mask) -> SaveImage."""
+    ImageCompositeMasked (paste back through the mask) -> SaveImage; returns the pasted photo."""
     photo_grp = wf.group("Photo to inpaint", BROWN)
     photo = wf.add(first_id, "LoadImage", (x, y), size=(300, 330), group=photo_grp, title="Photo to inpaint",
                    image=TARGET)  # fmt: skip
     mask = wf.add(first_id + 1, "LoadImageMask", (x + 330, y), size=(300, 330), group=photo_grp,
                   title="Face mask (white = repaint)", image=TARGET_MASK, channel="red")  # fmt: skip
     conditioning = prompts(wf, first_id + 2, x + 700, y, clip, positive)
-    sample_and_save(
+    return sample_and_save(
         wf, first_id + 4, x + 1170, y, model, vae, conditioning, photo[0], mask[0], photo[0], prefix
     )
 
@@ -572,6 +574,38 @@ mouth, ...) are switches on the mask node.""")  # fmt: skip
     return wf
 
 
+def pva_inpaint_and_measure_identity() -> Workflow:
+    """(i) As (a), then Identity Similarity scores the inpainted photo against the references."""
+    wf = Workflow("pva_inpaint_and_measure_identity")
+    wf.note(1, (0, 0), f"""\
+Inpaint a face with PVA, then check "is this still the person?": Identity Similarity (PVA) \
+compares the inpainted photo with the reference photos.
+
+Put these files in place, then pick them in the loaders:
+{_COMMON_FILES}\
+- Load PVA Model: a PVA model made for the checkpoint's family, in ComfyUI/models/pva/ (here \
+{PVA_FOR_CHECKPOINT}).
+- Identity Similarity uses dlib's face recognizer, independent of PVA (optional package: \
+pip install --no-deps dlib-bin==20.0.1.post1 face-recognition-models==0.3.0). Or put an \
+ArcFace/CosFace .onnx (e.g. insightface's glintr100.onnx, close to the paper's CosFace R100) in \
+ComfyUI/models/face_recognition/ and pick it (needs onnxruntime).
+
+The similarity is the cosine of recognizer features (the paper's ID similarity; its PVA scores \
+0.741 with CosFace R100 against the ground truth); the node draws the face box and score on the \
+photo, and its summary gives dlib's own same-person verdict.
+
+{_INPAINT_NOTE}""")  # fmt: skip
+    ckpt, facenet = checkpoint_and_facenet(wf, 0, 480)
+    pva = wf.add(4, "PVAModelLoader", (0, 740), size=(380, 58), group="Models", pva_name=PVA_FOR_CHECKPOINT)
+    refs = references(wf, 5, 460, 40)
+    model = identity(wf, 10, 1460, 40, ckpt[0], pva[0], facenet[0], refs)
+    pasted = inpaint(wf, 12, 460, 600, model, ckpt[1], ckpt[2], prefix="pva/pva_inpaint_and_measure_identity")
+    grp = wf.group("Is this still the person?", GREEN)
+    wf.add(21, "PVAIdentitySimilarity", (2700, 600), size=(400, 560), group=grp, images=pasted,
+           recognizer="dlib", reference_images=refs, faces="detect", detection_threshold=0.9, face_index=0)  # fmt: skip
+    return wf
+
+
 def workflows() -> list[Workflow]:
     return [
         pva_face_inpainting(),
@@ -582,6 +616,7 @@ def workflows() -> list[Workflow]:
         pva_two_people(),
         pva_face_swap(),
         pva_lower_face_edit(),
+        pva_inpaint_and_measure_identity(),
     ]
 
 

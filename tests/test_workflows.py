@@ -528,6 +528,29 @@ def test_cancel_during_personalization_saves_nothing_and_leaves_the_model_alone(
 
 
 @pytest.mark.slow
+def test_identity_workflow_scores_the_inpainted_photo_against_the_references(e2e):
+    """Identity Similarity (dlib) on the inpainted photo, and as a control on the same photo
+    before inpainting: the random-weight checkpoint paints noise over the face, so the person
+    found in the original is lost in the result."""
+    name = "pva_inpaint_and_measure_identity"
+    outputs = e2e.run(name)
+    check_inpainted(e2e.saved_image(name))
+    prompt = e2e.prompt(name)
+    node = _node_id(prompt, "PVAIdentitySimilarity")
+    result = outputs[node]
+    assert len(result["similarity"]) == 1 and len(result["images"]) == 1
+    # the same node on the photo the workflow inpainted (only the nodes it needs)
+    (photo,) = [i for i, n in prompt.items() if n["_meta"]["title"] == "Photo to inpaint"]
+    prompt[node]["inputs"]["images"] = [photo, 0]
+    original = e2e.server.run(_needed_for(prompt, node))[node]
+    print(
+        f"\n[identity workflow] inpainted: {result['text'][0]}\n[identity workflow] original: {original['text'][0]}"
+    )
+    assert "same person by dlib's rule" in original["text"][0]
+    assert result["similarity"][0] < original["similarity"][0] - 0.05
+
+
+@pytest.mark.slow
 def test_every_shipped_workflow_ran(e2e):
     for name in NAMES:
         e2e.saved_image(name)

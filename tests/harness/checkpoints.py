@@ -7,6 +7,9 @@ end-to-end tests use files with exactly the real layouts:
   text encoder, SD VAE) assembled from ComfyUI's own classes, fp16, with the key names of a real
   SD1.5 `.safetensors` checkpoint (`model.diffusion_model.`, `cond_stage_model.transformer.
   text_model.`, `first_stage_model.`). About 2.1 GB, built in well under a minute.
+- `sd15_inpaint_small_checkpoint()`: the same layout with a smaller UNet (two levels, one res
+  block each; 320 channels, so ComfyUI still detects SD1.5-inpainting), about 0.6 GB, for scripts
+  that take a checkpoint file and run in several processes at once.
 - `facenet_random_weights()`: a randomly initialized facenet-pytorch InceptionResnetV1 state dict,
   its BatchNorm statistics measured on real face crops (so it tells people apart).
 
@@ -33,6 +36,7 @@ from .host import import_comfy_on_cpu
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT_FILE = f"sd15-inpainting-random-v{CHECKPOINT_VERSION}.safetensors"
+SMALL_CHECKPOINT_FILE = f"sd15-inpainting-small-random-v{CHECKPOINT_VERSION}.safetensors"
 FACENET_VERSION = 2
 FACENET_FILE = f"facenet-inception-resnet-v1-random-v{FACENET_VERSION}.pt"
 
@@ -46,6 +50,11 @@ SD15_INPAINT_UNET = {
     "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }  # fmt: skip
+# Two levels of one res block each: comfy.model_detection still finds SD15 (in_channels 9).
+SD15_INPAINT_UNET_SMALL = dict(
+    SD15_INPAINT_UNET, num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 1],
+    transformer_depth_output=[1, 1, 1, 1],
+)  # fmt: skip
 
 # comfy.sd.VAE's default SD1.x/SD2.x VAE.
 SD_VAE_DDCONFIG = {
@@ -66,13 +75,11 @@ def default_cache_dir() -> Path:
 
 
 # -- the components ---------------------------------------------------------------------------
-def _unet(device: str) -> torch.nn.Module:
+def _unet(device: str, config: dict = SD15_INPAINT_UNET) -> torch.nn.Module:
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    return UNetModel(
-        **SD15_INPAINT_UNET, dtype=torch.float16, device=device, operations=comfy.ops.disable_weight_init
-    )
+    return UNetModel(**config, dtype=torch.float16, device=device, operations=comfy.ops.disable_weight_init)
 
 
 def _clip(device: str) -> torch.nn.Module:
@@ -176,10 +183,10 @@ def cached_file(path: Path, build: Callable[[Path], None]) -> Path:
     return path
 
 
-def _build_checkpoint(path: Path) -> None:
+def _build_checkpoint(path: Path, components: list = _COMPONENTS) -> None:
     # Pass 1, on the meta device (no memory): every key, dtype and shape, for the header.
     layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-    for prefix, build, drop, extra, _seed in _COMPONENTS:
+    for prefix, build, drop, extra, _seed in components:
         for key, tensor in _component_state(prefix, build, drop, extra, "meta", None).items():
             layout[key] = (tensor.dtype, tuple(tensor.shape))
     metadata = {
@@ -189,7 +196,7 @@ def _build_checkpoint(path: Path) -> None:
     with open(path, "wb") as f:
         f.write(_safetensors_header(layout, metadata))
         # Pass 2: one component at a time, filled and streamed in header order.
-        for prefix, build, drop, extra, seed in _COMPONENTS:
+        for prefix, build, drop, extra, seed in components:
             state = _component_state(prefix, build, drop, extra, "cpu", seed)
             for key in [k for k in layout if k.startswith(prefix)]:
                 tensor = state.pop(key)
@@ -229,6 +236,22 @@ def sd15_inpaint_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
             _build_checkpoint(path)
 
     return cached_file(cache_dir / CHECKPOINT_FILE, build)
+
+
+def sd15_inpaint_small_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of the cached small-UNet random-weight SD1.5-inpainting checkpoint (about 0.6 GB)."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    small_unet = lambda device: _unet(device, SD15_INPAINT_UNET_SMALL)  # noqa: E731
+    components = [
+        (prefix, small_unet if build is _unet else build, *rest) for prefix, build, *rest in _COMPONENTS
+    ]
+
+    def build(path: Path) -> None:
+        import_comfy_on_cpu()
+        with torch.inference_mode(False), torch.no_grad():
+            _build_checkpoint(path, components)
+
+    return cached_file(cache_dir / SMALL_CHECKPOINT_FILE, build)
 
 
 def facenet_random_weights(path: str | os.PathLike | None = None, seed: int = 0) -> Path:
