@@ -7,7 +7,8 @@ end-to-end tests use files with exactly the real layouts:
   text encoder, SD VAE) assembled from ComfyUI's own classes, fp16, with the key names of a real
   SD1.5 `.safetensors` checkpoint (`model.diffusion_model.`, `cond_stage_model.transformer.
   text_model.`, `first_stage_model.`). About 2.1 GB, built in well under a minute.
-- `facenet_random_weights()`: a randomly initialized facenet-pytorch InceptionResnetV1 state dict.
+- `facenet_random_weights()`: a randomly initialized facenet-pytorch InceptionResnetV1 state dict
+  whose BatchNorm statistics are measured on real face crops (see its docstring).
 
 The checkpoint is written tensor by tensor (a streaming safetensors writer), one component in
 memory at a time, to a temporary file that is renamed into place; a lock file keeps concurrent
@@ -32,7 +33,7 @@ from .host import import_comfy_on_cpu
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT_FILE = f"sd15-inpainting-random-v{CHECKPOINT_VERSION}.safetensors"
-FACENET_VERSION = 1
+FACENET_VERSION = 2
 FACENET_FILE = f"facenet-inception-resnet-v1-random-v{FACENET_VERSION}.pt"
 
 # comfy.model_detection's SD15 UNet config, with the inpainting model's 9 input channels
@@ -232,13 +233,30 @@ def sd15_inpaint_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def facenet_random_weights(path: str | os.PathLike | None = None, seed: int = 0) -> Path:
     """Save a randomly initialized facenet-pytorch InceptionResnetV1 (512-d embeddings) state dict
-    as a .pt file of plain tensors, like the real VGGFace2 file (which also has `logits.*`)."""
+    as a .pt file of plain tensors, like the real VGGFace2 file (which also has `logits.*`).
+
+    Its BatchNorm statistics are measured on aligned crops of real faces (the portraits shipped in
+    installed packages, and their mirror images), as training sets them: with the default
+    statistics a random network maps every face to nearly the same embedding (cosine 0.99999
+    between different people), so nothing downstream could tell two people apart."""
     from facenet_pytorch import InceptionResnetV1
+
+    from pva.face_embeddings import embed_photos
+
+    from .portraits import SINGLE_PORTRAITS, portrait
 
     def build(temporary: Path) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = InceptionResnetV1(pretrained=None, classify=False)
+            model = InceptionResnetV1(pretrained=None, classify=False).eval()
+        photos = [torch.from_numpy(portrait(name)).float() / 255 for name in SINGLE_PORTRAITS]
+        crops = embed_photos(photos, model).crops
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+                module.momentum = None  # a plain average over the crops
+        with torch.no_grad():
+            model.train()(torch.cat([crops, crops.flip(-1)]))
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, temporary)
 
     return cached_file(Path(path) if path is not None else default_cache_dir() / FACENET_FILE, build)
