@@ -166,14 +166,18 @@ def test_each_step_draws_one_timestep_from_each_bin(monkeypatch, vae, person):
     )
     assert len(calls) == steps
     width = 1000 / bins
-    offsets = []
+    per_step = []
     for conds, batch, timesteps in calls:
         assert conds == 1 and batch == bins  # one target, all its noise levels in one batch
         timesteps = timesteps.sort().values
         which = (timesteps / width).floor()
         assert which.tolist() == list(range(bins)), timesteps  # one in each bin
-        offsets += (timesteps - which * width).tolist()
-    # Within its bin each timestep is drawn anew, not fixed at one place (24 draws).
+        per_step.append((timesteps - which * width).tolist())
+    # Within its bin each timestep is drawn anew every step (integer timesteps: a repeat among
+    # 6 draws of 250 happens), anywhere in the bin.
+    for k, offsets in enumerate(zip(*per_step, strict=True)):
+        assert len(set(offsets)) >= steps - 1, (k, offsets)
+    offsets = [o for step in per_step for o in step]
     assert min(offsets) < 0.25 * width and max(offsets) > 0.75 * width, offsets
 
 
