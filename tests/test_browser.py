@@ -6,8 +6,9 @@ shared test server. A workflow passes when every node type is registered (and th
 "missing nodes" dialog did not open), every link of the file is in the graph and joins existing
 nodes through slots of compatible types, no dialog is open, no uncaught page error happened and
 no console error mentions PVA. Then the view is fit to the graph and a 1280x800 screenshot is
-saved to docs/screenshots/<workflow>.png for the README. Two negative controls prove that the
-checks catch an unknown node type and a dangling link.
+taken and checked; it goes to a temporary folder, or with `--screenshots DIR` (what
+`scripts/screenshots` passes: docs/screenshots, the README's pictures) to DIR/<workflow>.png.
+Two negative controls prove that the checks catch an unknown node type and a dangling link.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from PIL import Image
 
 WORKFLOW_DIR = REPO_ROOT / "workflows"
 UI_WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))  # top level only: workflows/api/ is API format
-SCREENSHOT_DIR = REPO_ROOT / "docs" / "screenshots"
 PACK_MODULE = "comfyui-pva"
 IMAGE_LOADERS = ("LoadImage", "LoadImageMask")
+
+pytestmark = pytest.mark.browser
 
 
 def _input_images(workflows: list[dict]) -> set[str]:
@@ -142,7 +144,7 @@ def test_ui_workflows_exist():
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[p.stem for p in UI_WORKFLOWS])
-def test_workflow_loads_in_frontend(ui, pva_node_types, path):
+def test_workflow_loads_in_frontend(ui, pva_node_types, path, screenshot_dir):
     workflow = read_workflow(path)
     file_types = {node.get("type") for node in workflow.get("nodes", [])}
     assert file_types & set(pva_node_types), f"{path.name} uses no node of this pack"
@@ -154,7 +156,7 @@ def test_workflow_loads_in_frontend(ui, pva_node_types, path):
     ui.fit_view()
     assert not ui.off_screen_nodes(), "fit view left nodes outside the canvas"
     previews = ui.wait_for_image_previews()
-    shot = ui.screenshot(SCREENSHOT_DIR / f"{path.stem}.png")
+    shot = ui.screenshot(screenshot_dir / f"{path.stem}.png")
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape == (800, 1280, 3)
     # Not a blank page: a rendered graph has many colours (nodes, links, text, previews).

@@ -136,3 +136,36 @@ def test_damaged_or_unknown_header_fields_are_explained(pva, tmp_path, change, p
     save_file(tensors, str(damaged), metadata=metadata)
     with pytest.raises(PVAWeightsError, match=problem):
         load_pva(damaged)
+
+
+@pytest.mark.parametrize(
+    "failure", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["disk-full", "interrupt"]
+)
+def test_a_save_that_fails_mid_write_leaves_the_old_file_whole(pva, tmp_path, monkeypatch, failure):
+    """Atomic save: whatever stops a write half-way (a full disk, Cancel, Ctrl-C), the file under
+    the name is the complete old one (or none), and no partial file is left behind."""
+    import safetensors.torch
+
+    path = save_pva(pva, tmp_path / "p.safetensors")
+    before = path.read_bytes()
+    write = safetensors.torch.save_file
+
+    def fail_half_way(tensors, filename, metadata=None):
+        write(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:  # the data so far reached the disk, then the failure
+            f.truncate(len(before) // 2)
+        raise failure
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail_half_way)
+    retrained = PVAModel.initialize_from(tiny_model("sd15"), num_tokens=4, seed=9, encoder_depth=1)
+    with pytest.raises(type(failure)):
+        save_pva(retrained, path, overwrite=True)
+    assert path.read_bytes() == before
+    with pytest.raises(type(failure)):
+        save_pva(retrained, tmp_path / "new person.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.safetensors"]
+    reloaded = load_pva(path)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(pva.state_dict().values(), reloaded.state_dict().values(), strict=True)
+    )

@@ -10,11 +10,16 @@ ComfyUI server.
   the API twin.
 - ComfyUI's template browser endpoint lists them (and nothing else from the pack).
 - Every API twin runs end to end on a full-size SD1.5-inpainting checkpoint with random weights
-  at 256x256 (2 sampling steps; Quick Personalize 2 steps x 2 time bins at 64 px), with model
+  at 256x256 (2 sampling steps, 4 for the face-inpainting pair: see SAMPLER_STEPS; Quick
+  Personalize 2 steps x 2 time bins at 64 px), with model
   names rewritten to the test models and the input photos written under the names the
   workflows use. Checked: the saved image's size, that outside the mask it is the input photo
-  exactly, that the quick-personalize workflow writes models/pva/my_person.safetensors (2
-  personalized steps in its header) and that the saved-person workflow loads exactly that file.
+  exactly, that inside it PVA changed the face (against the same workflow with Apply PVA
+  bypassed, measured against what another seed changes), that the prompt and the strength/start
+  settings each reach the sampler, that the quick-personalize workflow writes
+  models/pva/my_person.safetensors (2 personalized steps in its header) and that the
+  saved-person workflow loads exactly that file (and an untrained file paints another face), and
+  that the training's LOSS_MAP plots in ComfyUI's own Plot Loss Graph node.
 - The face workflows (crops at 256 px instead of the MODEL's 512): each changes its photo only
   inside the faces or regions it repaints, bit for bit elsewhere; the face detailer passes a
   photo without a face through unchanged (skip) or stops naming it (error); two people get two
@@ -30,6 +35,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -277,7 +283,11 @@ def test_template_browser_lists_exactly_the_shipped_workflows(comfy_server):
 
 
 # -- end to end ---------------------------------------------------------------------------------
+# The prompt workflow starts PVA at 10% of the schedule: with 2 steps it would act on the last,
+# nearly noise-free step only. Its plain twin samples the same steps, so the two compare.
+SAMPLER_STEPS = {"pva_face_inpainting": 4, "pva_face_inpainting_with_prompt": 4}
 INIT_PVA = "pva-workflow-test-initialized"
+UNTRAINED_PVA = "pva-workflow-test-untrained"
 
 
 class E2E:
@@ -301,7 +311,7 @@ class E2E:
             elif kind == "PVAModelLoader" and inputs["pva_name"] == build.PVA_FOR_CHECKPOINT:
                 inputs["pva_name"] = f"{INIT_PVA}.safetensors"
             elif kind == "KSampler":
-                inputs["steps"] = 2
+                inputs["steps"] = SAMPLER_STEPS.get(name, 2)
             elif kind == "PVAQuickPersonalize":
                 inputs.update(steps=2, time_bins=2, resolution=64)
             elif kind == "PVACropFaces":
@@ -335,6 +345,56 @@ class E2E:
             self.images[name] = self.server.output_image(outputs, _node_id(api_file(name), "SaveImage"))
         return self.images[name]
 
+    def variant(self, name: str, label: str, edit: Callable[[dict], None]) -> np.ndarray:
+        """The picture of workflow `name` after `edit(prompt)`, trimmed to what its SaveImage
+        needs. Graphs that compute the same picture (e.g. two workflows without their PVA
+        nodes) are sampled once."""
+        prompt = self.prompt(name)
+        edit(prompt)
+        save = _node_id(prompt, "SaveImage")
+        prompt = _needed_for(prompt, save)
+        key = _graph_key(prompt, save)
+        if key not in self.images:
+            prompt[save]["inputs"]["filename_prefix"] = f"pva-workflows/{name}-{label.replace(' ', '_')}"
+            self.images[key] = self.server.output_image(self.server.run(prompt, timeout=900), save)
+        return self.images[key]
+
+    def without_pva(self, name: str) -> np.ndarray:
+        """The workflow with Apply PVA bypassed: the sampler gets the checkpoint's MODEL."""
+
+        def bypass(prompt: dict) -> None:
+            apply = _node_id(prompt, "PVAApply")
+            prompt[_node_id(prompt, "KSampler")]["inputs"]["model"] = prompt[apply]["inputs"]["model"]
+
+        return self.variant(name, "without PVA", bypass)
+
+
+def _graph_key(prompt: dict, node_id: str) -> str:
+    """What a node computes, independent of node ids and file-name prefixes."""
+
+    def describe(node_id: str) -> dict:
+        node = prompt[node_id]
+        inputs = {
+            k: describe(v[0]) | {"output": v[1]} if isinstance(v, list) else v
+            for k, v in node["inputs"].items()
+            if k != "filename_prefix"
+        }
+        return {"class_type": node["class_type"], "inputs": inputs}
+
+    return json.dumps(describe(node_id), sort_keys=True)
+
+
+def change_in_mask(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean absolute difference over the inpainted region, in 8-bit levels."""
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64))[face_mask(SIZE)].mean())
+
+
+def _set_seed(seed: int) -> Callable[[dict], None]:
+    def edit(prompt: dict) -> None:
+        prompt[_node_id(prompt, "KSampler")]["inputs"]["seed"] = seed
+
+    return edit
+
 
 @pytest.fixture(scope="module")
 def e2e(comfy_server, server_models):
@@ -357,7 +417,7 @@ def e2e(comfy_server, server_models):
         }
     )  # fmt: skip
     yield E2E(comfy_server, server_models)
-    print("\n[workflow e2e] wall times (2 sampling steps at 256x256 or 256 px crops, CPU):")
+    print("\n[workflow e2e] wall times (256x256 or 256 px crops, CPU):")
     for name, seconds in WALL_TIMES.items():
         print(f"  {name}: {seconds:.1f} s")
 
@@ -371,6 +431,27 @@ def check_inpainted(image: np.ndarray) -> None:
     assert diff[outside].max() == 0, f"{(diff[outside] > 0).sum()} pixels changed outside the mask"
     # Inside, the face was repainted (random weights: noise-like content, but not the photo).
     assert diff[mask].mean() > 5, diff[mask].mean()
+
+
+def seed_change(e2e: E2E) -> float:
+    """Control: how much another sampling seed changes the plain workflow's face. The random
+    UNet does respond, so the changes compared with it below are real."""
+    plain = "pva_face_inpainting"
+    change = change_in_mask(e2e.variant(plain, "other seed", _set_seed(43)), e2e.saved_image(plain))
+    assert change > 40, change
+    return change
+
+
+def check_pva_changed_the_face(e2e: E2E, name: str) -> None:
+    """Inside the mask the workflow's face is not the one the checkpoint alone paints (which
+    passes check_inpainted just as well)."""
+    change = change_in_mask(e2e.saved_image(name), e2e.without_pva(name))
+    print(
+        f"\n[workflow e2e] {name}: PVA changed the face by {change:.1f} (another seed: {seed_change(e2e):.1f})"
+    )
+    # Measured, x another seed's change (95 levels): plain 0.55, prompt 0.18, personalize 1.04,
+    # saved person 1.04. Apply PVA returning its input MODEL: 0.
+    assert change > 0.08 * seed_change(e2e), (name, change, seed_change(e2e))
 
 
 def pva_file(server: ComfyServer, name: str) -> Path:
@@ -389,6 +470,7 @@ def test_quick_personalize_workflow_saves_the_person_and_inpaints(e2e):
 
     outputs = e2e.run(name)
     check_inpainted(e2e.saved_image(name))
+    check_pva_changed_the_face(e2e, name)
     assert path.is_file(), f"the workflow did not write {path}"
     assert outputs[save_id]["text"] == [f"saved {person}.safetensors"]
     from safetensors import safe_open
@@ -420,12 +502,30 @@ def test_saved_person_workflow_loads_exactly_the_saved_file(e2e):
     ]
     assert loader["inputs"]["pva_name"] in options[1]["options"], options
     check_inpainted(e2e.saved_image(saved))
+    check_pva_changed_the_face(e2e, saved)
     # Same references, prompts, seed and sampling as the personalize workflow, identity from the
     # file instead of the freshly trained model: bit-identical only if the file holds exactly the
     # weights that were trained (and the loader read that file).
     personalized = e2e.saved_image(personalize)
     differing = (e2e.saved_image(saved) != personalized).any(-1)
     assert not differing.any(), f"{differing.sum()} pixels differ from the personalize workflow's result"
+    # Negative control: the PVA model the training started from, saved and loaded the same way,
+    # paints another face; so the equality above is about the trained weights.
+    start = api_file(personalize)[_node_id(api_file(personalize), "PVAInitializeFromModel")]["inputs"]
+    e2e.server.run(
+        {
+            "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": e2e.models["checkpoint"]}},
+            "init": {"class_type": "PVAInitializeFromModel", "inputs": dict(start, model=["ckpt", 0])},
+            "save": {"class_type": "PVASaveModel", "inputs": {"pva_model": ["init", 0], "name": UNTRAINED_PVA, "overwrite": True}},
+        }
+    )  # fmt: skip
+
+    def load_untrained(prompt: dict) -> None:
+        prompt[_node_id(prompt, "PVAModelLoader")]["inputs"]["pva_name"] = f"{UNTRAINED_PVA}.safetensors"
+
+    change = change_in_mask(e2e.variant(saved, "untrained", load_untrained), personalized)
+    print(f"\n[workflow e2e] the untrained start paints a face {change:.1f} levels from the trained one's")
+    assert change > 0.3 * seed_change(e2e), (change, seed_change(e2e))  # measured 0.93
 
 
 @pytest.mark.slow
@@ -471,9 +571,46 @@ def test_face_inpainting_workflows_keep_the_photo_outside_the_mask(e2e):
     plain, edited = "pva_face_inpainting", "pva_face_inpainting_with_prompt"
     check_inpainted(e2e.saved_image(plain))
     check_inpainted(e2e.saved_image(edited))
-    # The prompt and the strength/start settings reach the sampler: the faces differ.
-    mask = face_mask(SIZE)
-    assert (e2e.saved_image(plain) != e2e.saved_image(edited)).any(-1)[mask].mean() > 0.05
+    check_pva_changed_the_face(e2e, plain)
+    check_pva_changed_the_face(e2e, edited)
+    # The two workflows differ in their prompt and in Apply PVA's strength/start: each must reach
+    # the sampler. In between: the prompt workflow with the plain one's Apply settings.
+    apply_settings = ("strength", "start_percent", "end_percent", "apply_to")
+    plain_apply = api_file(plain)[_node_id(api_file(plain), "PVAApply")]["inputs"]
+    edited_apply = api_file(edited)[_node_id(api_file(edited), "PVAApply")]["inputs"]
+    assert [plain_apply[k] for k in apply_settings] != [edited_apply[k] for k in apply_settings]
+
+    def plain_settings(prompt: dict) -> None:
+        prompt[_node_id(prompt, "PVAApply")]["inputs"].update({k: plain_apply[k] for k in apply_settings})
+
+    between = e2e.variant(edited, "plain settings", plain_settings)
+    by_settings = change_in_mask(e2e.saved_image(edited), between)
+    by_prompt = change_in_mask(e2e.saved_image(plain), between)
+    print(
+        f"\n[workflow e2e] the settings change the face by {by_settings:.1f}, the prompt by {by_prompt:.1f}"
+    )
+    # Measured, x another seed's change (95 levels): settings 0.48, prompt 0.25.
+    assert by_settings > 0.2 * seed_change(e2e), (by_settings, seed_change(e2e))
+    assert by_prompt > 0.1 * seed_change(e2e), (by_prompt, seed_change(e2e))
+
+
+@pytest.mark.slow
+def test_the_training_loss_plots_in_comfyuis_plot_loss_graph_node(e2e):
+    """Quick Personalize's `loss` output is core's LOSS_MAP: ComfyUI's own Plot Loss Graph node
+    (comfy_extras/nodes_train.py) accepts the connection and draws the curve."""
+    full = e2e.prompt("pva_quick_personalize_and_inpaint")
+    trainer = _node_id(full, "PVAQuickPersonalize")
+    prompt = _needed_for(full, trainer)
+    prompt["plot"] = {
+        "class_type": "LossGraphNode",
+        "inputs": {"loss": [trainer, 1], "filename_prefix": "pva-workflows/loss"},
+    }
+    (plot,) = e2e.server.run(prompt)["plot"]["images"]
+    with Image.open(e2e.server.base / plot["type"] / plot["subfolder"] / plot["filename"]) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    # the node draws the curve in blue, one segment per step after the first
+    blue = (pixels[..., 2] > 200) & (pixels[..., 0] < 60) & (pixels[..., 1] < 60)
+    assert blue.sum() > 100, blue.sum()
 
 
 def _inpaint_with_base_model(e2e: E2E, variant: str) -> np.ndarray:
@@ -481,7 +618,7 @@ def _inpaint_with_base_model(e2e: E2E, variant: str) -> np.ndarray:
     bypassed) or "strength_0" (which is exactly the base model), at a seed no other test uses."""
     prompt = e2e.prompt("pva_face_inpainting")
     sampler, apply = _node_id(prompt, "KSampler"), _node_id(prompt, "PVAApply")
-    prompt[sampler]["inputs"]["seed"] = 2024
+    prompt[sampler]["inputs"].update(seed=2024, steps=2)
     if variant == "without_pva":
         prompt[sampler]["inputs"]["model"] = prompt[apply]["inputs"]["model"]
     else:

@@ -268,7 +268,7 @@ def facenet_random_weights(path: str | os.PathLike | None = None, seed: int = 0)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = InceptionResnetV1(pretrained=None, classify=False)
-        _calibrate_batch_norm(model, _real_face_crops())
+        calibrate_batch_norm(model, _real_face_crops())
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, temporary)
 
     return cached_file(Path(path) if path is not None else default_cache_dir() / FACENET_FILE, build)
@@ -289,7 +289,7 @@ def _real_face_crops() -> torch.Tensor:
     return torch.cat([crops, crops.flip(-1)])
 
 
-def _calibrate_batch_norm(model: torch.nn.Module, inputs: torch.Tensor) -> None:
+def calibrate_batch_norm(model: torch.nn.Module, inputs: torch.Tensor) -> None:
     """Set every BatchNorm's running statistics to those of `inputs` (one pass, exact averages)."""
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):

@@ -20,7 +20,7 @@ def _unet_config(family: str, in_channels: int) -> dict:
     if family == "sdxl":
         return dict(
             common, context_dim=2048, use_linear_in_transformer=True, adm_in_channels=2816,
-            transformer_depth=[1, 2], transformer_depth_output=[1, 1, 1, 2, 2, 2],
+            num_classes="sequential", transformer_depth=[1, 2], transformer_depth_output=[1, 1, 1, 2, 2, 2],
         )  # fmt: skip
     raise ValueError(family)
 
@@ -39,8 +39,8 @@ def fill_random(module: torch.nn.Module, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
 
 
-def tiny_model(family: str = "sd15", in_channels: int = 4, seed: int = 0):
-    """A ModelPatcher around a ComfyUI BaseModel of the given family, on CPU, float32."""
+def tiny_model(family: str = "sd15", in_channels: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ModelPatcher around a ComfyUI BaseModel of the given family, on CPU, in `dtype`."""
     import comfy.model_base
     import comfy.model_patcher
     import comfy.supported_models as sm
@@ -49,7 +49,7 @@ def tiny_model(family: str = "sd15", in_channels: int = 4, seed: int = 0):
     config = config_class(_unet_config(family, in_channels))
     config.unet_config["num_head_channels"] = 16  # the families' 64-d heads, scaled to 32 channels
     config.unet_config["num_heads"] = -1
-    config.set_inference_dtype(torch.float32, None)
+    config.set_inference_dtype(dtype, None)
     model_type = (
         comfy.model_base.ModelType.V_PREDICTION if family == "sd20v" else comfy.model_base.ModelType.EPS
     )
@@ -74,8 +74,9 @@ def unet_inputs(patcher, batch: int = 2, size: int = 16, seed: int = 1, tokens: 
         timesteps=torch.tensor([500.0, 700.0][:batch] + [600.0] * max(0, batch - 2)),
         context=torch.randn(batch, tokens, context_dim, generator=generator),
     )
-    if getattr(unet, "adm_in_channels", None):
-        inputs["y"] = torch.randn(batch, unet.adm_in_channels, generator=generator)
+    adm_channels = patcher.model.model_config.unet_config.get("adm_in_channels")
+    if adm_channels:  # SDXL's pooled-text + size conditioning (ADM)
+        inputs["y"] = torch.randn(batch, adm_channels, generator=generator)
     return inputs
 
 
@@ -109,7 +110,11 @@ def tiny_vae(seed: int = 0, latent_channels: int = 4):
 
 
 def text_conditioning(patcher, seed: int = 7, tokens: int = 77) -> list:
-    """A CONDITIONING like CLIPTextEncode's, random, of the model's context width."""
+    """A CONDITIONING like CLIPTextEncode's, random, of the model's context width (with the
+    pooled text embedding SDXL's ADM input is made from)."""
     generator = torch.Generator().manual_seed(seed)
     context_dim = patcher.model.model_config.unet_config["context_dim"]
-    return [[torch.randn(1, tokens, context_dim, generator=generator), {}]]
+    extra = {}
+    if patcher.model.model_config.unet_config.get("adm_in_channels"):
+        extra["pooled_output"] = torch.randn(1, 1280, generator=generator)
+    return [[torch.randn(1, tokens, context_dim, generator=generator), extra]]

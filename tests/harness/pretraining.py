@@ -45,6 +45,8 @@ def calibrated_facenet(path: Path, seed: int = 0, calibration_people: int = 16) 
 
     from pva.faces import DetectionSettings, align_faces, find_faces
 
+    from .checkpoints import calibrate_batch_norm
+
     torch.manual_seed(seed)
     net = InceptionResnetV1()
     crops = []
@@ -54,13 +56,7 @@ def calibrated_facenet(path: Path, seed: int = 0, calibration_people: int = 16) 
             found = find_faces(photo, DetectionSettings(min_face_size=20))
             if found.count:
                 crops.append(align_faces(photo, [found.photos[0].faces[0]]))
-    for module in net.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # a plain average over the calibration batch
-    net.train()
-    with torch.no_grad():
-        net(torch.cat(crops))
+    calibrate_batch_norm(net, torch.cat(crops))
     state = {k: v.contiguous() for k, v in net.eval().state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path))
