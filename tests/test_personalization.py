@@ -45,7 +45,7 @@ def _gradients(model, vae, positive, pva, data, **settings):
         targets = encode_inpaint_targets(data, vae, positive)
         with Personalizer(model, copy.deepcopy(pva), data, targets, TrainingSettings(**settings)) as run:
             run.pva.eval()  # the same identity tokens in every run
-            run.loss(0, torch.Generator().manual_seed(0)).backward()
+            run.target_loss(0, torch.Generator().manual_seed(0)).backward()
             return {name: p.grad.clone() for name, p in run.pva.named_parameters() if p.requires_grad}
 
 
@@ -222,7 +222,7 @@ def _saved_for_backward(model, vae, positive, pva, data, **settings):
                 return tensor
 
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                run.loss(0, torch.Generator().manual_seed(0))
+                run.target_loss(0, torch.Generator().manual_seed(0))
             return sum(kept.values()), run.activation_memory()
 
 
@@ -261,7 +261,7 @@ def test_training_memory_request_covers_the_pva_model_its_gradients_and_adamw_st
         for train in ("both", "projections", "identity_encoder"):
             settings = TrainingSettings(train=train)
             with Personalizer(model, copy.deepcopy(pva), person_a, targets, settings) as run:
-                run.loss(0, torch.Generator().manual_seed(0)).backward()
+                run.target_loss(0, torch.Generator().manual_seed(0)).backward()
                 optimizer = torch.optim.AdamW(run.parameters)
                 optimizer.step()
                 held = sum(p.nbytes for p in run.pva.parameters()) + sum(
