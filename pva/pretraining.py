@@ -287,6 +287,30 @@ def pretrain(
     return PretrainingResult(exported, run.losses, run.validation, output_dir)
 
 
+def held_out_identity_gaps(
+    config: PretrainingConfig,
+    base: Base,
+    dataset: FaceDataset,
+    faces: dict[str, PersonFaces],
+    pva: PVAModel,
+    accelerator: Accelerator,
+) -> dict[str, float]:
+    """A pretraining run's validation for any PVA model: the mean face-region loss on
+    config.validation_samples held-out samples (the val split) with the person's own identity
+    tokens, with none, and with another held-out person's (keys own, none, other)."""
+    from .validation import identity_gaps, validation_samples
+
+    val_people = [p for p in dataset.splits.get("val", ()) if p in faces]
+    texts = _text_cache(Path(config.output_dir), base, dataset, val_people, accelerator)
+    step_module = PretrainingStep(pva, None)
+    with training_mode(), PretrainingSession(base, pva, config, texts) as session:
+        step_module.bind(session)
+        held_out = validation_samples(dataset, faces, val_people, config)
+        return identity_gaps(
+            session, step_module, held_out, config.validation_samples, config.batch_size, accelerator
+        )
+
+
 def _text_cache(
     output_dir: Path, base: Base, dataset: FaceDataset, people: list[str], accelerator: Accelerator
 ) -> TextCache:
