@@ -119,9 +119,40 @@ def test_parallel_workers_give_the_same_cache(messy_dataset, facenet_file, tmp_p
             safe_open(str(person_file(one, name)), "pt") as a,
             safe_open(str(person_file(two, name)), "pt") as b,
         ):
-            assert a.metadata() == b.metadata()
+            # The same results up to float rounding: MTCNN's convolutions add in another order
+            # with another number of threads per process (measured: boxes within 2e-5 px).
+            first, second = a.metadata(), b.metadata()
+            assert first.keys() == second.keys()
+            for key in first:
+                _assert_nearly_equal(_parsed(first[key]), _parsed(second[key]), key)
             for key in a.keys():
-                torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), rtol=0, atol=1e-6)
+                x, y = a.get_tensor(key), b.get_tensor(key)
+                # 8-bit crops: one level where a pixel sat on a rounding edge
+                atol = 1e-4 if x.is_floating_point() else 1
+                torch.testing.assert_close(x, y, rtol=0, atol=atol)
+
+
+def _parsed(value: str) -> object:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:  # a plain string (e.g. the format name)
+        return value
+
+
+def _assert_nearly_equal(a: object, b: object, where: str) -> None:
+    """JSON values equal, floats within 1e-3."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert abs(a - b) < 1e-3, (where, a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_nearly_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_nearly_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
 
 
 def test_bad_inputs_are_explained(messy_dataset, facenet_file, tmp_path):
