@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -118,13 +119,23 @@ def run_pva(torch, args, device, accelerator) -> list[float]:
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
 
-    with tempfile.TemporaryDirectory() as tmp:
+    # one output folder for all processes (the main one writes the caption cache the others read)
+    shared = (
+        Path(tempfile.gettempdir()) / f"pva-bench-pretraining-{os.environ.get('MASTER_PORT', os.getpid())}"
+    )
+    with accelerator.main_process_first():
+        shared.mkdir(exist_ok=True)
+    try:
         config = PretrainingConfig(
-            output_dir=Path(tmp), max_steps=args.steps + 1, batch_size=args.batch, gradient_accumulation=1,
+            output_dir=shared, max_steps=args.steps + 1, batch_size=args.batch, gradient_accumulation=1,
             time_bins=args.time_bins, gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=10**9,
             validate_every=10**9, preview_samples=0, loader_workers=2, samples=SampleSettings(resolution=args.size),
         )  # fmt: skip
         pretrain(config, base, world.dataset(), world.faces(), accelerator, on_step=on_step)
+    finally:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(shared, ignore_errors=True)
     times = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
     return times[1:]  # the first step includes the data loader's start
 
@@ -139,7 +150,10 @@ def _run(args, argv, variant, processes=1) -> dict:
             port = s.getsockname()[1]
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                    f"--master_port={port}", __file__, *own, "--variant", variant]  # fmt: skip
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
+    output = done.stdout
     return json.loads([line for line in output.strip().splitlines() if line.startswith("{")][-1])
 
 
