@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import PVAError
+from .errors import PVAError, PVAWeightsError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -110,3 +110,24 @@ def make_accelerator(
             "--cpu (or set ACCELERATE_USE_CPU=1); with GPUs check that torch sees them."
         )
     return accelerator
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple:
+    """MODEL, CLIP and VAE of a checkpoint file (SD1.x / SD2.x / SDXL), as ComfyUI's Load
+    Checkpoint loads them; a missing or unreadable file gets the pack's error naming it."""
+    import comfy.sd
+
+    path = Path(path)
+    if not path.is_file():
+        raise PVAWeightsError(f"checkpoint {path} not found; give an SD1.x / SD2.x / SDXL checkpoint file.")
+    try:
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+            str(path), output_vae=True, output_clip=True
+        )
+    except Exception as error:  # ComfyUI raises plain RuntimeErrors for files it cannot read
+        raise PVAWeightsError(f"checkpoint {path} cannot be loaded by ComfyUI ({error}).") from None
+    if model is None or clip is None or vae is None:
+        raise PVAWeightsError(
+            f"checkpoint {path}: ComfyUI found no diffusion model, text encoder and VAE in it."
+        )
+    return model, clip, vae

@@ -63,19 +63,10 @@ class Base:
 
 def load_base(checkpoint: str | os.PathLike) -> Base:
     """A checkpoint file through ComfyUI's own loader, as Load Checkpoint loads it."""
-    import comfy.sd
+    from .launch import load_checkpoint
 
     path = Path(checkpoint)
-    if not path.is_file():
-        raise PVAError(f"checkpoint: {path} not found; give an SD1.x / SD2.x / SDXL checkpoint file.")
-    try:
-        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
-            str(path), output_vae=True, output_clip=True
-        )
-    except Exception as error:  # ComfyUI raises plain RuntimeErrors for files it cannot read
-        raise PVAError(f"checkpoint: {path} cannot be loaded by ComfyUI ({error}).") from None
-    if model is None or clip is None or vae is None:
-        raise PVAError(f"checkpoint: {path} lacks a UNet, text encoder or VAE; give a full checkpoint.")
+    model, clip, vae = load_checkpoint(path)
 
     def encode(text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         ((cond, extra),) = clip.encode_from_tokens_scheduled(clip.tokenize(text))

@@ -4,40 +4,18 @@ the VAE), as a workflow would."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import PVAError, PVAWeightsError
+from ..errors import PVAError
 
 if TYPE_CHECKING:
     from comfy.model_patcher import ModelPatcher
     from comfy.sd import CLIP, VAE
 
 TextEncoder = Callable[[str], list]  # prompt -> CONDITIONING
-
-
-def load_checkpoint(path: str | os.PathLike) -> tuple[ModelPatcher, CLIP, VAE]:
-    """MODEL, CLIP and VAE of a checkpoint file, as CheckpointLoaderSimple loads them."""
-    import comfy.sd
-
-    path = Path(path)
-    if not path.is_file():
-        raise PVAWeightsError(f"checkpoint {path} not found; give an SD inpainting checkpoint file.")
-    try:
-        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
-            str(path), output_vae=True, output_clip=True
-        )
-    except RuntimeError as error:
-        raise PVAWeightsError(f"checkpoint {path} cannot be loaded ({error}).") from None
-    if model is None or clip is None or vae is None:
-        raise PVAWeightsError(
-            f"checkpoint {path}: ComfyUI found no diffusion model, text encoder and VAE in it."
-        )
-    return model, clip, vae
 
 
 def clip_text_encoder(clip: CLIP) -> TextEncoder:

@@ -21,11 +21,12 @@ import torch
 
 from ..datasets import FaceDataset, open_dataset
 from ..facenet import load_facenet
+from ..launch import load_checkpoint
 from ..recognition.facenet_recognizer import FaceNetRecognizer
 from ..weights import load_pva
 from .cache import RunFolder
 from .generate import EvaluationModels, Generator, personalization_seconds
-from .host import clip_text_encoder, load_checkpoint
+from .host import clip_text_encoder
 from .plan import locator_for, plan_identities
 from .report import protocol_lines, write_grid, write_report
 from .scoring import MetricTools, finished_entries, identity_scores, quality_scores, text_scores
