@@ -329,3 +329,43 @@ def test_script_shares_identities_among_processes_and_paints_what_one_process_do
     assert len(one_pictures) == 4 * 2 * 2 + 4 + 4 * 2 and two_pictures == one_pictures
     reports = [json.loads((tmp_path / n / "report.json").read_text()) for n in ("two", "one")]
     assert reports[0]["identity"] == reports[1]["identity"]
+
+
+# -- the order the issue asks for, on people the PVA model never saw -------------------------------
+@pytest.mark.training
+@pytest.mark.xfail(
+    strict=True,
+    reason="not reached yet: the PVA model pretrained on 113 synthetic people on CPU (harness."
+    "pretraining.IDENTITY_RECIPE) lowers the held-out denoising loss with the person's own tokens, "
+    "but its generations are no closer to the person than the base model's (measured on the 24: "
+    "mean FaceNet similarity no-pva 0.720, zero-shot 0.712). Strict: when a stronger pretrained "
+    "model makes this pass, drop the mark.",
+)
+def test_held_out_people_are_painted_more_like_themselves_with_zero_shot_pva(tmp_path):
+    """The evaluation harness on the 24 held-out people of the synthetic world (their own
+    references encoded, nothing trained on them): zero-shot PVA paints faces closer to the
+    ground truth than the base model alone, by at least 0.02 mean FaceNet similarity (about 6%
+    of what separates a person from another tint of the same portrait, 0.80 vs 0.47)."""
+    from harness.pretraining import identity_model, synthetic_world, world_base, world_vae
+
+    from pva.weights import load_pva
+
+    world = synthetic_world()
+    base = world_base(world)
+    models = EvaluationModels(
+        model=base.model,
+        vae=world_vae(world),
+        encode_text=lambda prompt: [[base.encode_text(prompt)[0], {}]],
+        pva=load_pva(identity_model(world)),
+        facenet=load_facenet(world.facenet),
+        description={"models": "tiny world base, pretrained identity model"},
+    )
+    settings = EvaluationSettings(
+        methods=("no-pva", "zero-shot"), split="val", faces="aligned", resolution=64, references=3, steps=20,
+        cfg=3.0, seed=0,
+    )  # fmt: skip
+    report = evaluate(world.dataset(), models, tmp_path / "run", settings)
+    methods = report["identity"]["facenet"]["methods"]
+    print("\n[held-out identity] " + "; ".join(f"{m}: {row}" for m, row in methods.items()))
+    assert report["identities"] == 24 and report["targets"] >= 20, report["notes"]
+    assert methods["zero-shot"]["mean"] > methods["no-pva"]["mean"] + 0.02, methods
