@@ -75,7 +75,7 @@ FIXTURE_MARKERS = {
     "ui": "browser",
     "host_env": "install",
 }
-NOT_FAST = ("slow", "server", "browser", "install", "training")
+NOT_FAST = ("slow", "server", "browser", "install", "training", "pipeline")
 FAST_EXPRESSION = "not (" + " or ".join(NOT_FAST) + ")"
 
 

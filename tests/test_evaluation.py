@@ -45,6 +45,8 @@ from pva.model import PVAModel
 from pva.recognition import FaceLocator, load_recognizer, locate_and_embed
 from pva.recognition.base import cosine
 
+pytestmark = pytest.mark.pipeline
+
 SETTINGS = EvaluationSettings(
     faces="aligned", resolution=64, steps=2, references=2, personalization_steps=2, edits=("smiling",), seed=7
 )

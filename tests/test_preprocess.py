@@ -16,6 +16,8 @@ from pva.datasets import open_dataset
 from pva.errors import PVAError
 from pva.preprocess import PreprocessSettings, load_faces, person_file, preprocess_dataset
 
+pytestmark = pytest.mark.pipeline
+
 
 @pytest.fixture(scope="module")
 def facenet_file(tmp_path_factory) -> Path:
