@@ -130,6 +130,24 @@ def synthetic_world() -> World:
     return World(final)
 
 
+def trained_weights(module: torch.nn.Module, stem: str, recipe: list, train) -> None:  # noqa: ANN001
+    """Train `module` in place with `train()` once and cache its weights as
+    stem-<hash of recipe>.safetensors; later calls load them."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from .checkpoints import cached_file, default_cache_dir
+
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+    def build(temporary: Path) -> None:
+        train()
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(temporary))
+
+    module.load_state_dict(load_file(cached_file(default_cache_dir() / f"{stem}-{key}.safetensors", build)))
+
+
 # -- a base that already inpaints these people (but cannot know their skin tint) --------------
 BASE_RECIPE = dict(steps=1500, batch=16, learning_rate=1e-3, resolution=64, pool=2048, seed=123, version=1)
 
@@ -139,22 +157,13 @@ def world_base(world: World):  # noqa: ANN201
     (cached). An identity can only help a model that already passes the noisy latent through
     (see harness/pretrained.py); trained like this, the base fills a masked face from its
     surroundings, and what it cannot know is the person's tint."""
-    import json
-
-    from safetensors.torch import load_file
-
-    from .checkpoints import cached_file, default_cache_dir
-
     base = tiny_base(tiny_model("sd15", in_channels=9, seed=BASE_RECIPE["seed"]))
-    unet = base.model.model.diffusion_model
-    key = hashlib.sha256(json.dumps([BASE_RECIPE, WORLD], sort_keys=True).encode()).hexdigest()[:12]
-
-    def build(temporary: Path) -> None:
-        _pretrain_base(base, world)
-        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(temporary))
-
-    path = default_cache_dir() / f"tiny-sd15-inpaint-synthetic-people-{key}.safetensors"
-    unet.load_state_dict(load_file(cached_file(path, build)))
+    trained_weights(
+        base.model.model.diffusion_model,
+        "tiny-sd15-inpaint-synthetic-people",
+        [BASE_RECIPE, WORLD],
+        lambda: _pretrain_base(base, world),
+    )
     return base
 
 
@@ -322,22 +331,14 @@ DECODER_RECIPE = dict(steps=1200, batch=16, learning_rate=1e-3, pool=1024, resol
 def world_vae(world: World):  # noqa: ANN201
     """tiny_vae() (the encoder world_base was trained with) with a decoder trained on the
     world's training faces (cached)."""
-    import json
-
-    from safetensors.torch import load_file
-
-    from .checkpoints import cached_file, default_cache_dir
-
     vae = tiny_vae()
     autoencoder = vae.first_stage_model
-    key = hashlib.sha256(json.dumps([DECODER_RECIPE, WORLD], sort_keys=True).encode()).hexdigest()[:12]
-
-    def build(temporary: Path) -> None:
-        _train_decoder(autoencoder, world)
-        save_file({k: v.contiguous() for k, v in autoencoder.state_dict().items()}, str(temporary))
-
-    path = default_cache_dir() / f"tiny-vae-synthetic-people-decoder-{key}.safetensors"
-    autoencoder.load_state_dict(load_file(cached_file(path, build)))
+    trained_weights(
+        autoencoder,
+        "tiny-vae-synthetic-people-decoder",
+        [DECODER_RECIPE, WORLD],
+        lambda: _train_decoder(autoencoder, world),
+    )
     return vae
 
 
