@@ -42,3 +42,21 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
 
 def write_json_atomically(path: str | os.PathLike, data: object) -> Path:
     return write_text_atomically(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def make_writable_folder(folder: str | os.PathLike, what: str) -> Path:
+    """Create `folder` and check a file can be written in it, before hours of work depend on it;
+    PVAError naming `what` (the input) otherwise."""
+    from .errors import PVAError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise PVAError(
+            f"{what}: cannot write to {folder} ({error.strerror}); choose a folder you can write to."
+        ) from None
+    return folder

@@ -32,7 +32,7 @@ from .datasets import FaceDataset, Person
 from .errors import PVAError
 from .face_embeddings import embed_photos
 from .faces import DetectedFace, DetectionSettings, Faces, find_faces
-from .files import write_atomically, write_json_atomically
+from .files import make_writable_folder, write_atomically, write_json_atomically
 
 CACHE_FORMAT = 1
 MIN_PHOTOS = 2  # a person needs a target and at least one other photo as reference
@@ -248,15 +248,8 @@ def preprocess_dataset(
         raise PVAError(
             f"facenet: {settings.facenet} not found; give the FaceNet weights file (.pt or .safetensors)."
         )
-    try:
-        (cache_dir / PEOPLE_DIR).mkdir(parents=True, exist_ok=True)
-        probe = cache_dir / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as error:
-        raise PVAError(
-            f"cache: cannot write to {cache_dir} ({error.strerror}); choose a writable folder."
-        ) from None
+    make_writable_folder(cache_dir, "cache")
+    (cache_dir / PEOPLE_DIR).mkdir(exist_ok=True)
     fingerprint = settings.fingerprint()
     worker_settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}
     report = PreprocessReport()

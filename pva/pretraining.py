@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from .checkpoints import STATE_FORMAT, find_checkpoint, read_state, save_checkpoint
 from .datasets import FaceDataset
 from .errors import PVAError
-from .files import write_atomically
+from .files import make_writable_folder, write_atomically
 from .model import PVAModel
 from .patching import check_compatible
 from .preprocess import PersonFaces
@@ -223,7 +223,7 @@ def pretrain(
     config.validate()
     accelerator.gradient_accumulation_steps = config.gradient_accumulation  # accumulate() follows it
     output_dir = Path(config.output_dir)
-    _check_writable(output_dir)
+    make_writable_folder(output_dir, "output")
     train_people = [p for p in dataset.splits.get("train", ()) if p in faces]
     val_people = [p for p in dataset.splits.get("val", ()) if p in faces]
     if config.stage == 2 and facenet is None:
@@ -570,18 +570,6 @@ class _Run:
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_image("val/inpainted", grid.permute(2, 0, 1), step)
-
-
-def _check_writable(output_dir: Path) -> None:
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        probe.touch()
-        probe.unlink()
-    except OSError as error:
-        raise PVAError(
-            f"output: cannot write to {output_dir} ({error.strerror}); choose a folder you can write to."
-        ) from None
 
 
 def config_for_logging(config: PretrainingConfig) -> dict:

@@ -66,18 +66,24 @@ def _inpainting_examples(model, vae, positive: list) -> tuple[torch.Tensor, torc
         person = synthetic_person(hue, seed=1000 + k)
         for cond, latent in encode_inpaint_targets(person, vae, positive):
             latent = base_model.process_latent_in(latent)
-            processed = comfy.samplers.process_conds(
-                base_model,
-                torch.zeros_like(latent),
-                {"positive": comfy.sampler_helpers.convert_cond(cond)},
-                torch.device("cpu"),
-                latent_image=latent,
-                denoise_mask=None,
-                seed=0,
-            )["positive"][0]
             latents.append(latent)
-            concats.append(processed["model_conds"]["c_concat"].cond)
+            concats.append(inpainting_input(base_model, cond, latent))
     return torch.cat(latents), torch.cat(concats)
+
+
+def inpainting_input(base_model, cond: list, latent: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """The UNet's extra input channels (mask + masked-image latent) ComfyUI's sampler makes from an
+    InpaintModelConditioning `cond` for the clean `latent` (model space)."""
+    processed = comfy.samplers.process_conds(
+        base_model,
+        torch.zeros_like(latent),
+        {"positive": comfy.sampler_helpers.convert_cond(cond)},
+        torch.device("cpu"),
+        latent_image=latent,
+        denoise_mask=None,
+        seed=0,
+    )["positive"][0]
+    return processed["model_conds"]["c_concat"].cond
 
 
 def _pretrain(model, vae, positive: list) -> None:  # noqa: ANN001

@@ -90,6 +90,15 @@ class World:
 
         return load_faces(self.cache, self.dataset().people)
 
+    def training_samples(self, resolution: int, seed: int):  # noqa: ANN201
+        """The pretraining samples (crop, mask, references) of the training people."""
+        from pva.pretraining_data import PretrainingSamples, SampleSettings
+
+        dataset = self.dataset()
+        return PretrainingSamples(
+            dataset, self.faces(), dataset.splits["train"], SampleSettings(resolution=resolution), seed=seed
+        )
+
 
 def synthetic_world() -> World:
     """Built once (a few minutes: every photo goes through MTCNN and FaceNet) and cached in
@@ -170,20 +179,12 @@ def world_base(world: World):  # noqa: ANN201
 @torch.no_grad()  # (grad mode is on outside ComfyUI's executor: the latents would keep the VAE's graph)
 def _inpainting_pool(base, world: World) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001
     """Clean latents, inpainting inputs and text contexts of BASE_RECIPE['pool'] training samples."""
-    import comfy.sampler_helpers
-    import comfy.samplers
-
     import nodes
-    from pva.pretraining_data import PretrainingSamples, SampleSettings, collate
+    from pva.pretraining_data import collate
 
-    dataset = world.dataset()
-    samples = PretrainingSamples(
-        dataset,
-        world.faces(),
-        dataset.splits["train"],
-        SampleSettings(resolution=BASE_RECIPE["resolution"]),
-        seed=BASE_RECIPE["seed"],
-    )
+    from .pretrained import inpainting_input
+
+    samples = world.training_samples(BASE_RECIPE["resolution"], BASE_RECIPE["seed"])
     model = base.model.model
     latents, concats, contexts = [], [], []
     for start in range(0, BASE_RECIPE["pool"], 64):
@@ -194,17 +195,8 @@ def _inpainting_pool(base, world: World) -> tuple[torch.Tensor, torch.Tensor, to
             positive, positive, batch["pixels"], base.vae, batch["mask"], noise_mask=True
         )
         x0 = model.process_latent_in(latent["samples"])
-        processed = comfy.samplers.process_conds(
-            model,
-            torch.zeros_like(x0),
-            {"positive": comfy.sampler_helpers.convert_cond(cond)},
-            torch.device("cpu"),
-            latent_image=x0,
-            denoise_mask=None,
-            seed=0,
-        )["positive"][0]
         latents.append(x0)
-        concats.append(processed["model_conds"]["c_concat"].cond)
+        concats.append(inpainting_input(model, cond, x0))
         contexts.append(context)
     return torch.cat(latents), torch.cat(concats), torch.cat(contexts)
 
@@ -343,17 +335,8 @@ def world_vae(world: World):  # noqa: ANN201
 
 
 def _train_decoder(autoencoder: torch.nn.Module, world: World) -> None:
-    from pva.pretraining_data import PretrainingSamples, SampleSettings
-
     recipe = DECODER_RECIPE
-    dataset = world.dataset()
-    samples = PretrainingSamples(
-        dataset,
-        world.faces(),
-        dataset.splits["train"],
-        SampleSettings(resolution=recipe["resolution"]),
-        seed=recipe["seed"],
-    )
+    samples = world.training_samples(recipe["resolution"], recipe["seed"])
     with torch.no_grad():
         pixels = (
             torch.stack([samples[i]["pixels"] for i in range(recipe["pool"])]).permute(0, 3, 1, 2) * 2 - 1
