@@ -29,6 +29,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--facenet", required=True, help="FaceNet weights (.pt or .safetensors)")
     parser.add_argument("--cache", required=True, help="where the face cache goes (reused by later runs)")
     parser.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per worker (default: the cores shared among the workers); fix it for a "
+        "cache that is the same bytes on every machine",
+    )
     parser.add_argument("--threshold", type=float, default=0.9, help="MTCNN face probability threshold")
     parser.add_argument("--min-face-size", type=int, default=40, help="ignore faces smaller than this (px)")
     parser.add_argument("--device", default="cpu", help="torch device for detection and FaceNet, e.g. cuda")
@@ -51,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             min_face_size=args.min_face_size,
             workers=args.workers,
             device=args.device,
+            threads=args.threads,
         )
         with tqdm(total=len(dataset.people), desc="people") as progress:
             report = preprocess_dataset(
