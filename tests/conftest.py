@@ -2,12 +2,16 @@
 
 Also: the suite's slow parts are marked from the fixtures they use (so new tests are marked
 without anyone remembering to), `--fast` runs only the quick library tests, `--screenshots DIR`
-is the one way a test run writes the README's screenshots, and a run that leaves the
-repository different from how it found it fails.
+is the one way a test run writes the README's screenshots, the cached test models a run needs
+are built in the background from its start (the tests that need trained ones run last), and a
+run that leaves the repository different from how it found it fails.
 """
 
 import hashlib
+import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,10 +100,16 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
+    from harness import artefacts
+
+    artefacts.register_all()
     for item in items:
         for fixture, marker in FIXTURE_MARKERS.items():
             if fixture in item.fixturenames and marker not in item.keywords:
                 item.add_marker(marker)
+        # a test model that takes minutes to build keeps a test out of the quick loop
+        if any(artefacts.ARTEFACTS[n].slow for n in _models_needed(item)) and "training" not in item.keywords:
+            item.add_marker("training")
     if config.getoption("--fast"):
         kept, dropped = [], []
         for item in items:
@@ -107,6 +117,69 @@ def pytest_collection_modifyitems(config, items):
         if dropped:
             config.hook.pytest_deselected(items=dropped)
             items[:] = kept
+    items[:] = _trained_models_last(items)
+
+
+# -- the cached test models (harness/artefacts.py) -----------------------------------------------
+# What a test needs: @pytest.mark.test_models(...) names them; these fixtures imply theirs.
+MODELS_BY_FIXTURE = {
+    "sd15_inpaint_ckpt": ("sd15-inpainting-random",),
+    "server_models": ("sd15-inpainting-random", "facenet-random"),
+}
+_BUILDER = pytest.StashKey[subprocess.Popen | None]()
+
+
+def _models_needed(item) -> set[str]:
+    names = {name for mark in item.iter_markers("test_models") for name in mark.args}
+    for fixture, models in MODELS_BY_FIXTURE.items():
+        if fixture in item.fixturenames:
+            names.update(models)
+    return names
+
+
+def _trained_models_last(items: list) -> list:
+    """Whole modules (their fixtures are set up once) in their order, except that the modules
+    with a test that needs a trained test model run last, in the order those models are built:
+    the background builder gets the rest of the run to make them."""
+    from harness import artefacts
+
+    order = list(artefacts.ARTEFACTS)
+    modules: dict = {}
+    for item in items:
+        modules.setdefault(item.module, []).append(item)
+
+    def readiness(module_items: list) -> int:
+        needed = set().union(*(_models_needed(i) for i in module_items))
+        return max((order.index(n) for n in needed if artefacts.ARTEFACTS[n].slow), default=-1)
+
+    ranked = sorted(modules.values(), key=readiness)  # stable: untouched modules keep their order
+    return [item for module_items in ranked for item in module_items]
+
+
+def pytest_collection_finish(session):
+    """Start building the test models the selected tests need and the cache lacks, one at a
+    time in a background process (one thread each), while the other tests run."""
+    from harness import artefacts
+
+    needed = set().union(*(_models_needed(item) for item in session.items)) if session.items else set()
+    missing = [name for name in artefacts.ARTEFACTS if name in needed and not artefacts.is_built(name)]
+    session.config.stash[_BUILDER] = None
+    if missing:
+        log = open(artefacts.cache_dir().parent / "test-models-build.log", "w")  # noqa: SIM115
+        session.config.stash[_BUILDER] = subprocess.Popen(
+            [sys.executable, str(Path(artefacts.__file__)), "build", *missing],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its builder processes stop with it
+        )
+        log.close()
+
+
+def _stop_builder(config) -> None:
+    builder = config.stash.get(_BUILDER, None)
+    if builder is not None and builder.poll() is None:
+        os.killpg(builder.pid, signal.SIGTERM)
+        builder.wait()
 
 
 @pytest.fixture(scope="session")
@@ -146,6 +219,7 @@ def pytest_sessionstart(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    _stop_builder(session.config)
     before = session.config.stash.get(_STATE_AT_START, None)
     after = _repository_state()
     if before is None or after is None:

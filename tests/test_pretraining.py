@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 from harness.host import REPO_ROOT, comfyui_path
+from harness.pretraining import pretraining_run
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.training
+pytestmark = [pytest.mark.training, pytest.mark.test_models("synthetic-people")]
 
 DRIVER = REPO_ROOT / "tests" / "harness" / "pretrain_driver.py"
 
@@ -159,28 +160,6 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(world, tmp_path):
 
 
 # -- bad input ---------------------------------------------------------------------------------
-def _in_process(world, output: Path, base=None, **overrides):  # noqa: ANN001
-    """pretrain() in this process on the tiny base; returns a callable running it."""
-    from harness.pretraining import tiny_base
-
-    from pva.launch import make_accelerator
-    from pva.pretraining import pretrain
-    from pva.pretraining_config import PretrainingConfig
-    from pva.pretraining_data import SampleSettings
-
-    settings = dict(
-        output_dir=output, max_steps=1, batch_size=1, gradient_accumulation=1, time_bins=1, num_tokens=4,
-        encoder_depth=1, loader_workers=0, validation_samples=2, preview_samples=0, samples=SampleSettings(resolution=64),
-    )  # fmt: skip
-    config = PretrainingConfig(**{**settings, **overrides})
-
-    def run(**kwargs):
-        accelerator = make_accelerator(cpu=True)
-        return pretrain(config, base or tiny_base(), world.dataset(), world.faces(), accelerator, **kwargs)
-
-    return run
-
-
 def test_resume_from_a_checkpoint_of_another_model_family_is_refused(world, tmp_path):
     from harness.models import tiny_model, tiny_vae
     from harness.pretraining import tiny_text_encoder
@@ -200,19 +179,21 @@ def test_resume_from_a_checkpoint_of_another_model_family_is_refused(world, tmp_
         },
         {"step": 5},
     )
-    run = _in_process(world, tmp_path / "run")
+    run = pretraining_run(world, tmp_path / "run")
     with pytest.raises(
         Exception, match=r"--resume: .*step-0000005 does not fit the base model: .*made for SD2.x"
     ):
         run(resume="latest")
     # and a resume without any finished checkpoint says so
-    with pytest.raises(Exception, match=r"--resume latest: .* has no finished checkpoint yet"):
-        _in_process(world, tmp_path / "new")(resume="latest")
+    with pytest.raises(
+        Exception, match=r"latest.json: missing; this output folder has no finished checkpoint"
+    ):
+        pretraining_run(world, tmp_path / "new")(resume="latest")
     # an SDXL text encoder's width cannot drive an SD1.5 base either (the --init path)
     base = Base(tiny_model("sd15", in_channels=9), tiny_vae(), tiny_text_encoder(), "tiny", "tiny")
     save_pva(sd20, tmp_path / "sd20.safetensors")
     with pytest.raises(Exception, match=r"--init: .*sd20.safetensors does not fit the base model"):
-        _in_process(world, tmp_path / "init", base=base)(init=tmp_path / "sd20.safetensors")
+        pretraining_run(world, tmp_path / "init", base=base)(init=tmp_path / "sd20.safetensors")
 
 
 def test_unwritable_output_and_faceless_people_are_explained(world, tmp_path):
@@ -223,7 +204,7 @@ def test_unwritable_output_and_faceless_people_are_explained(world, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(PVAError, match=r"output: cannot write to .*a-file/run"):
-        _in_process(world, blocker / "run")()
+        pretraining_run(world, blocker / "run")()
     # folders whose photos hold no face: preprocessing counts them, training refuses plainly
     import numpy as np
     from PIL import Image
@@ -318,6 +299,8 @@ def test_command_line_pretrains_from_a_checkpoint_file(world, sd15_inpaint_ckpt,
     assert done.returncode == 2 and "error: dataset:" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.test_models("world-base", "world-identity-model")
+@pytest.mark.claims
 def test_pretraining_learns_identity_on_people_it_never_saw(world, tmp_path):
     """Pretrained on 113 synthetic people (harness.pretraining.IDENTITY_RECIPE, cached), a PVA
     model reconstructs the faces of 24 people it never saw best from their own identity tokens:

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from harness.artefacts import world_seed
 from harness.host import REPO_ROOT
 from harness.portraits import large_photo, small_portrait, two_people_photo
 from harness.references import face_mask, grown, reference_photos, save_png, target_photo
@@ -412,7 +413,7 @@ def e2e(comfy_server, server_models):
     comfy_server.run(
         {
             "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": server_models["checkpoint"]}},
-            "init": {"class_type": "PVAInitializeFromModel", "inputs": {"model": ["ckpt", 0], "num_tokens": 10, "seed": 3}},
+            "init": {"class_type": "PVAInitializeFromModel", "inputs": {"model": ["ckpt", 0], "num_tokens": 10, "seed": world_seed(3)}},
             "save": {"class_type": "PVASaveModel", "inputs": {"pva_model": ["init", 0], "name": INIT_PVA, "overwrite": True}},
         }
     )  # fmt: skip
@@ -459,6 +460,7 @@ def pva_file(server: ComfyServer, name: str) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.claims
 def test_quick_personalize_workflow_saves_the_person_and_inpaints(e2e):
     name = "pva_quick_personalize_and_inpaint"
     api = api_file(name)
@@ -490,6 +492,7 @@ def test_quick_personalize_workflow_saves_the_person_and_inpaints(e2e):
 
 
 @pytest.mark.slow
+@pytest.mark.claims
 def test_saved_person_workflow_loads_exactly_the_saved_file(e2e):
     personalize, saved = "pva_quick_personalize_and_inpaint", "pva_inpaint_with_saved_person"
     e2e.run(personalize)
@@ -567,6 +570,7 @@ def test_loader_reloads_a_file_that_save_overwrote(e2e):
 
 
 @pytest.mark.slow
+@pytest.mark.claims
 def test_face_inpainting_workflows_keep_the_photo_outside_the_mask(e2e):
     plain, edited = "pva_face_inpainting", "pva_face_inpainting_with_prompt"
     check_inpainted(e2e.saved_image(plain))
@@ -772,6 +776,7 @@ SWAP_THRESHOLD = 1.0
 
 
 @pytest.mark.slow
+@pytest.mark.claims
 def test_two_people_each_get_their_own_identity(e2e):
     """Both faces change with the identities, and swapping the two identities changes both
     faces. Control: with the region masks removed both identities act everywhere, and swapping
@@ -824,6 +829,7 @@ def test_two_people_each_get_their_own_identity(e2e):
 
 
 @pytest.mark.slow
+@pytest.mark.claims
 def test_face_swap_repaints_the_face_and_uses_the_targets_identity_as_negative(e2e):
     name = "pva_face_swap"
     original = small_portrait("veil")

@@ -14,31 +14,23 @@ end-to-end tests use files with exactly the real layouts:
   its BatchNorm statistics measured on real face crops (so it tells people apart).
 
 The checkpoint is written tensor by tensor (a streaming safetensors writer), one component in
-memory at a time, to a temporary file that is renamed into place; a lock file keeps concurrent
-test sessions from building it twice. Bump CHECKPOINT_VERSION whenever the content changes: the
-version is part of the file name, so old caches are simply not used.
+memory at a time. Each file is a cached test model of harness.artefacts (built once, in a process
+of its own, checked against its recorded digest); bump a recipe's version whenever its content
+changes.
 """
 
 from __future__ import annotations
 
-import fcntl
 import gc
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from .host import import_comfy_on_cpu
-
-CHECKPOINT_VERSION = 1
-CHECKPOINT_FILE = f"sd15-inpainting-random-v{CHECKPOINT_VERSION}.safetensors"
-SMALL_CHECKPOINT_FILE = f"sd15-inpainting-small-random-v{CHECKPOINT_VERSION}.safetensors"
-FACENET_VERSION = 2
-FACENET_FILE = f"facenet-inception-resnet-v1-random-v{FACENET_VERSION}.pt"
+from .artefacts import artefact, ensure, world_seed
 
 # comfy.model_detection's SD15 UNet config, with the inpainting model's 9 input channels
 # (4 noisy latent + 1 mask + 4 masked-image latent).
@@ -66,12 +58,6 @@ SD_VAE_DDCONFIG = {
 _CLIP_KEYS_NOT_IN_SD15 = ("transformer.text_projection.weight", "logit_scale")
 
 _SAFETENSORS_DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}
-
-
-def default_cache_dir() -> Path:
-    """Outside the repository: $PVA_DEV_HOME/test-models (~/.cache/comfyui-pva/test-models)."""
-    home = Path(os.environ.get("PVA_DEV_HOME", Path.home() / ".cache/comfyui-pva"))
-    return home / "test-models"
 
 
 # -- the components ---------------------------------------------------------------------------
@@ -102,9 +88,9 @@ def _clip_extra(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # (checkpoint key prefix, builder, keys to drop, extra tensors, seed)
 _COMPONENTS: list[tuple[str, Callable[[str], torch.nn.Module], tuple[str, ...], Callable | None, int]] = [
-    ("model.diffusion_model.", _unet, (), None, 1),
-    ("cond_stage_model.", _clip, _CLIP_KEYS_NOT_IN_SD15, _clip_extra, 2),
-    ("first_stage_model.", _vae, (), None, 3),
+    ("model.diffusion_model.", _unet, (), None, world_seed(1)),
+    ("cond_stage_model.", _clip, _CLIP_KEYS_NOT_IN_SD15, _clip_extra, world_seed(2)),
+    ("first_stage_model.", _vae, (), None, world_seed(3)),
 ]
 
 
@@ -154,35 +140,6 @@ def _write_tensor(f, tensor: torch.Tensor) -> None:
     f.write(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
 
 
-@contextmanager
-def build_lock(path: Path) -> Iterator[None]:
-    """Held while a cached file is built, so concurrent test sessions build it once."""
-    lock_path = path.with_name(path.name + ".lock")
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def cached_file(path: Path, build: Callable[[Path], None]) -> Path:
-    """`path`, made once: `build(temporary)` writes a temporary file beside it, which is then
-    renamed into place (never a half-written cache), under a lock shared by test sessions."""
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with build_lock(path):
-        if not path.is_file():  # another process may have built it while we waited
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            try:
-                build(temporary)
-                os.replace(temporary, path)
-            finally:
-                temporary.unlink(missing_ok=True)
-    return path
-
-
 def _build_checkpoint(path: Path, components: list = _COMPONENTS) -> None:
     # Pass 1, on the meta device (no memory): every key, dtype and shape, for the header.
     layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
@@ -191,7 +148,7 @@ def _build_checkpoint(path: Path, components: list = _COMPONENTS) -> None:
             layout[key] = (tensor.dtype, tuple(tensor.shape))
     metadata = {
         "format": "pt",
-        "pva_test_checkpoint": f"SD1.5 inpainting layout, random weights, v{CHECKPOINT_VERSION}",
+        "pva_test_checkpoint": "SD1.5 inpainting layout, random weights",
     }
     with open(path, "wb") as f:
         f.write(_safetensors_header(layout, metadata))
@@ -226,52 +183,66 @@ def _check_readable(path: Path, layout: dict) -> None:
             raise RuntimeError(f"{path}: {last} has the wrong shape")
 
 
-def sd15_inpaint_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
+@artefact(
+    "sd15-inpainting-random",
+    {"version": 1, "seed": world_seed(1), "unet": SD15_INPAINT_UNET, "vae": SD_VAE_DDCONFIG},
+)
+def _build_sd15_inpaint(path: Path) -> None:
+    """The SD1.5-inpainting layout (UNet, CLIP-L, SD VAE), random weights, fp16: 2.1 GB."""
+    with torch.inference_mode(False), torch.no_grad():
+        _build_checkpoint(path)
+
+
+def sd15_inpaint_checkpoint() -> Path:
     """Path of the cached random-weight SD1.5-inpainting checkpoint, building it if needed."""
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-
-    def build(path: Path) -> None:
-        import_comfy_on_cpu()
-        with torch.inference_mode(False), torch.no_grad():
-            _build_checkpoint(path)
-
-    return cached_file(cache_dir / CHECKPOINT_FILE, build)
+    return ensure("sd15-inpainting-random")
 
 
-def sd15_inpaint_small_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
+_SMALL_COMPONENTS = [
+    (prefix, (lambda device: _unet(device, SD15_INPAINT_UNET_SMALL)) if build is _unet else build, *rest)
+    for prefix, build, *rest in _COMPONENTS
+]
+
+
+@artefact(
+    "sd15-inpainting-small-random",
+    {"version": 1, "seed": world_seed(1), "unet": SD15_INPAINT_UNET_SMALL, "vae": SD_VAE_DDCONFIG},
+)
+def _build_sd15_inpaint_small(path: Path) -> None:
+    """The same layout with a two-level UNet, random weights, fp16: 0.6 GB."""
+    with torch.inference_mode(False), torch.no_grad():
+        _build_checkpoint(path, _SMALL_COMPONENTS)
+
+
+def sd15_inpaint_small_checkpoint() -> Path:
     """Path of the cached small-UNet random-weight SD1.5-inpainting checkpoint (about 0.6 GB)."""
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    small_unet = lambda device: _unet(device, SD15_INPAINT_UNET_SMALL)  # noqa: E731
-    components = [
-        (prefix, small_unet if build is _unet else build, *rest) for prefix, build, *rest in _COMPONENTS
-    ]
-
-    def build(path: Path) -> None:
-        import_comfy_on_cpu()
-        with torch.inference_mode(False), torch.no_grad():
-            _build_checkpoint(path, components)
-
-    return cached_file(cache_dir / SMALL_CHECKPOINT_FILE, build)
+    return ensure("sd15-inpainting-small-random")
 
 
-def facenet_random_weights(path: str | os.PathLike | None = None, seed: int = 0) -> Path:
-    """Save a randomly initialized facenet-pytorch InceptionResnetV1 (512-d embeddings) state dict
-    as a .pt file of plain tensors, like the real VGGFace2 file (which also has `logits.*`).
+@artefact(
+    "facenet-random",
+    {"version": 2, "seed": 0},
+    suffix=".pt",
+)
+def _build_facenet(path: Path) -> None:
+    """InceptionResnetV1, random weights, BatchNorm statistics measured on real portraits (.pt)."""
+    from facenet_pytorch import InceptionResnetV1
+
+    torch.manual_seed(world_seed(0))
+    model = InceptionResnetV1(pretrained=None, classify=False)
+    calibrate_batch_norm(model, _real_face_crops())
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, path)
+
+
+def facenet_random_weights() -> Path:
+    """A randomly initialized facenet-pytorch InceptionResnetV1 (512-d embeddings) state dict
+    saved as a .pt file of plain tensors, like the real VGGFace2 file (which also has `logits.*`).
 
     Its BatchNorm statistics are measured on real aligned face crops, as a trained network's are:
     with the default ones (mean 0, variance 1) the random network maps every face to almost the
     same embedding (cosine 0.9999 between the astronaut and another woman; 0.04 calibrated), and
     two people would give the same identity in every end-to-end test."""
-    from facenet_pytorch import InceptionResnetV1
-
-    def build(temporary: Path) -> None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = InceptionResnetV1(pretrained=None, classify=False)
-        calibrate_batch_norm(model, _real_face_crops())
-        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, temporary)
-
-    return cached_file(Path(path) if path is not None else default_cache_dir() / FACENET_FILE, build)
+    return ensure("facenet-random")
 
 
 def _real_face_crops() -> torch.Tensor:
@@ -318,11 +289,10 @@ def _link(target: Path, link: Path) -> None:
     link.symlink_to(target)
 
 
-def link_into_models(base: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> dict[str, str]:
+def link_into_models(base: str | os.PathLike) -> dict[str, str]:
     """Symlink the cached checkpoint and FaceNet into a ComfyUI --base-directory's
     models/checkpoints and models/facenet; return the names its loaders list them under."""
     base = Path(base)
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    _link(sd15_inpaint_checkpoint(cache_dir), base / "models/checkpoints" / SERVER_CHECKPOINT_NAME)
-    _link(facenet_random_weights(cache_dir / FACENET_FILE), base / "models/facenet" / SERVER_FACENET_NAME)
+    _link(sd15_inpaint_checkpoint(), base / "models/checkpoints" / SERVER_CHECKPOINT_NAME)
+    _link(facenet_random_weights(), base / "models/facenet" / SERVER_FACENET_NAME)
     return {"checkpoint": SERVER_CHECKPOINT_NAME, "facenet": SERVER_FACENET_NAME}

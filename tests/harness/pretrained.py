@@ -10,13 +10,11 @@ face colours), which is exactly what a person's identity adds.
 
 The pretraining runs the real ComfyUI model (`BaseModel.apply_model`) with the inpainting
 input built by ComfyUI's own InpaintModelConditioning and `process_conds`. It takes about two
-minutes on 2 CPU cores; the result is cached under $PVA_DEV_HOME/test-models with a key that
-covers the starting weights, the VAE and the recipe.
+minutes on one core; the result is a cached test model of harness.artefacts.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import comfy.sampler_helpers
@@ -26,34 +24,33 @@ from safetensors.torch import load_file, save_file
 
 from pva.training import encode_inpaint_targets
 
-from .checkpoints import cached_file, default_cache_dir
-from .models import tiny_model
+from .artefacts import artefact, ensure, world_seed
+from .models import text_conditioning, tiny_model, tiny_vae
 from .people import synthetic_person
 
-RECIPE = dict(steps=1500, batch=16, learning_rate=1e-3, people=24, seed=123)
+RECIPE = dict(steps=1500, batch=16, learning_rate=1e-3, people=24, seed=world_seed(123), version=2)
 
 
-def pretrained_inpainting_model(vae, positive: list):  # noqa: ANN201
-    """tiny_model("sd15", in_channels=9) after RECIPE's denoising pretraining (cached)."""
-    model = tiny_model("sd15", in_channels=9)
-    unet = model.model.diffusion_model
-
-    def build(temporary: Path) -> None:
-        _pretrain(model, vae, positive)
-        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(temporary))
-
-    path = default_cache_dir() / f"tiny-sd15-inpaint-people-{_cache_key(unet, vae)}.safetensors"
-    unet.load_state_dict(load_file(cached_file(path, build)))
-    return model
+def _starting_model():  # noqa: ANN202
+    """The tiny UNet, VAE and text conditioning the recipe starts from (and the tests use)."""
+    model = tiny_model("sd15", in_channels=9, seed=world_seed(0))
+    return model, tiny_vae(seed=world_seed(0)), text_conditioning(model, seed=world_seed(7))
 
 
-def _cache_key(unet: torch.nn.Module, vae) -> str:  # noqa: ANN001
-    digest = hashlib.sha256(repr(sorted(RECIPE.items())).encode())
-    for module in (unet, vae.first_stage_model):
-        for name, tensor in sorted(module.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+@artefact("people-base", RECIPE, slow=True)
+def _build(path: Path) -> None:
+    """The tiny SD1.5-inpainting UNet taught to inpaint 24 coloured synthetic people."""
+    model, vae, positive = _starting_model()
+    _pretrain(model, vae, positive)
+    save_file({k: v.contiguous() for k, v in model.model.diffusion_model.state_dict().items()}, str(path))
+
+
+def pretrained_inpainting_model():  # noqa: ANN201
+    """tiny_model("sd15", in_channels=9) after RECIPE's denoising pretraining (cached), with the
+    tiny VAE and text conditioning it was trained with: (model, vae, positive)."""
+    model, vae, positive = _starting_model()
+    model.model.diffusion_model.load_state_dict(load_file(str(ensure("people-base"))))
+    return model, vae, positive
 
 
 def _inpainting_examples(model, vae, positive: list) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001

@@ -5,11 +5,13 @@ the pack's real detection and embedding path."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from .artefacts import artefact, ensure, world_seed
 from .models import tiny_model, tiny_vae
 from .synthetic_people import person_photos, write_people
 
@@ -68,7 +70,8 @@ def synthetic_dataset(root: Path, people: int, photos: int, seed: int = 0) -> Pa
 
 
 # -- the cached synthetic world ----------------------------------------------------------------
-WORLD = dict(train=120, val=24, photos=4, seed=0, facenet_seed=0, version=1)
+WORLD = dict(train=120, val=24, photos=4, seed=world_seed(0), facenet_seed=world_seed(0), version=2)
+FIXED_TIME_NS = 1_700_000_000 * 10**9
 
 
 class World:
@@ -100,79 +103,66 @@ class World:
         )
 
 
-def synthetic_world() -> World:
-    """Built once (a few minutes: every photo goes through MTCNN and FaceNet) and cached in
-    $PVA_DEV_HOME/test-models; the key covers the recipe."""
+@artefact("synthetic-people", WORLD, suffix="", slow=True)
+def _build_world(root: Path) -> None:
+    """The synthetic people (photos, split), their calibrated FaceNet and face cache (a folder)."""
     import json
-    import os
-    import shutil
 
     from pva.preprocess import PreprocessSettings, preprocess_dataset
 
-    from .checkpoints import build_lock, default_cache_dir
-
-    key = hashlib.sha256(json.dumps(WORLD, sort_keys=True).encode()).hexdigest()[:12]
-    final = default_cache_dir() / f"pva-synthetic-people-{key}"
-    if (final / "done").is_file():
-        return World(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with build_lock(final):
-        if (final / "done").is_file():
-            return World(final)
-        temporary = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        shutil.rmtree(temporary, ignore_errors=True)
-        try:
-            world = World(temporary)
-            people = WORLD["train"] + WORLD["val"]
-            write_people(world.data, people, WORLD["photos"], seed=WORLD["seed"])
-            names = sorted(p.name for p in world.data.iterdir())
-            split = {"train": names[: WORLD["train"]], "val": names[WORLD["train"] :], "test": []}
-            (world.data / "split.json").write_text(json.dumps(split))
-            calibrated_facenet(world.facenet, seed=WORLD["facenet_seed"])
-            settings = PreprocessSettings(facenet=world.facenet, min_face_size=20, workers=2)
-            preprocess_dataset(world.dataset(), world.cache, settings)
-            (temporary / "done").write_text("")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(temporary, final)
-        finally:
-            shutil.rmtree(temporary, ignore_errors=True)
-    return World(final)
+    world = World(root)
+    people = WORLD["train"] + WORLD["val"]
+    write_people(world.data, people, WORLD["photos"], seed=WORLD["seed"])
+    names = sorted(p.name for p in world.data.iterdir())
+    split = {"train": names[: WORLD["train"]], "val": names[WORLD["train"] :], "test": []}
+    (world.data / "split.json").write_text(json.dumps(split))
+    for photo in world.data.rglob("*"):  # the face cache's fingerprint reads photo times
+        os.utime(photo, ns=(FIXED_TIME_NS, FIXED_TIME_NS))
+    calibrated_facenet(world.facenet, seed=WORLD["facenet_seed"])
+    settings = PreprocessSettings(facenet=world.facenet, min_face_size=20, workers=2, threads=1)
+    preprocess_dataset(world.dataset(), world.cache, settings)
 
 
-def trained_weights(module: torch.nn.Module, stem: str, recipe: list, train) -> None:  # noqa: ANN001
-    """Train `module` in place with `train()` once and cache its weights as
-    stem-<hash of recipe>.safetensors; later calls load them."""
-    import json
+def synthetic_world() -> World:
+    """Built once (about a minute: every photo goes through MTCNN and FaceNet) and cached."""
+    return World(ensure("synthetic-people"))
 
+
+def _save_state(module: torch.nn.Module, path: Path) -> None:
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+
+
+def _load_state(module: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import load_file
 
-    from .checkpoints import cached_file, default_cache_dir
-
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-
-    def build(temporary: Path) -> None:
-        train()
-        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(temporary))
-
-    module.load_state_dict(load_file(cached_file(default_cache_dir() / f"{stem}-{key}.safetensors", build)))
+    module.load_state_dict(load_file(str(path)))
 
 
 # -- a base that already inpaints these people (but cannot know their skin tint) --------------
-BASE_RECIPE = dict(steps=1500, batch=16, learning_rate=1e-3, resolution=64, pool=2048, seed=123, version=1)
+BASE_RECIPE = dict(
+    steps=1500, batch=16, learning_rate=1e-3, resolution=64, pool=2048, seed=world_seed(123), version=2
+)
 
 
-def world_base(world: World):  # noqa: ANN201
+def _world_base_model():  # noqa: ANN202
+    return tiny_base(tiny_model("sd15", in_channels=9, seed=BASE_RECIPE["seed"]))
+
+
+@artefact("world-base", BASE_RECIPE, needs=("synthetic-people",), slow=True)
+def _build_world_base(path: Path) -> None:
+    """The tiny SD1.5-inpainting UNet taught to inpaint the world's training people."""
+    base = _world_base_model()
+    _pretrain_base(base, synthetic_world())
+    _save_state(base.model.model.diffusion_model, path)
+
+
+def world_base(world: World | None = None):  # noqa: ANN201
     """tiny_base() after BASE_RECIPE's inpainting pretraining on the world's training people
     (cached). An identity can only help a model that already passes the noisy latent through
     (see harness/pretrained.py); trained like this, the base fills a masked face from its
     surroundings, and what it cannot know is the person's tint."""
-    base = tiny_base(tiny_model("sd15", in_channels=9, seed=BASE_RECIPE["seed"]))
-    trained_weights(
-        base.model.model.diffusion_model,
-        "tiny-sd15-inpaint-synthetic-people",
-        [BASE_RECIPE, WORLD],
-        lambda: _pretrain_base(base, world),
-    )
+    base = _world_base_model()
+    _load_state(base.model.model.diffusion_model, ensure("world-base"))
     return base
 
 
@@ -231,7 +221,7 @@ def _pretrain_base(base, world: World) -> None:  # noqa: ANN001
 # below another person's (0.0542 / 0.0580 / 0.0548 after 1500 steps; 0.5% and 0.2% after 250).
 IDENTITY_RECIPE = dict(
     steps=1500, batch=8, learning_rate=1e-3, encoder_learning_rate=1e-3, regions=["whole face"],
-    tokens=4, depth=2, resolution=64, time_bins=4, seed=0, version=1,
+    tokens=4, depth=2, resolution=64, time_bins=4, seed=world_seed(0), version=2,
 )  # fmt: skip
 
 
@@ -263,52 +253,28 @@ def identity_config(output_dir: Path, validation_samples: int = 96):  # noqa: AN
     )
 
 
-def identity_model(world: World) -> Path:
-    """The PVA file IDENTITY_RECIPE pretrains from world_base on the world's training people
-    (cached; about 10 minutes on one core, in a process of its own: accelerate's state is global)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from .checkpoints import cached_file, default_cache_dir
-    from .host import REPO_ROOT, comfyui_path
-
-    key = hashlib.sha256(
-        json.dumps([IDENTITY_RECIPE, BASE_RECIPE, WORLD], sort_keys=True).encode()
-    ).hexdigest()
-    path = default_cache_dir() / f"pva-synthetic-people-pretrained-{key[:12]}.safetensors"
-
-    def build(temporary: Path) -> None:
-        code = (
-            f"import sys; sys.path[:0] = [{str(REPO_ROOT / 'tests')!r}, {str(REPO_ROOT)!r}]; "
-            f"from harness.pretraining import _train_identity_model; _train_identity_model({str(temporary)!r})"
-        )
-        env = dict(os.environ, COMFYUI_PATH=str(comfyui_path()), OMP_NUM_THREADS="1")
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-5000:]
-
-    return cached_file(path, build)
-
-
-def _train_identity_model(out: str) -> None:
+@artefact("world-identity-model", IDENTITY_RECIPE, needs=("synthetic-people", "world-base"), slow=True)
+def _build_identity_model(path: Path) -> None:
+    """A PVA model pretrained on the world's training people (IDENTITY_RECIPE)."""
     import tempfile
 
-    from .host import import_comfy_on_cpu
-
-    import_comfy_on_cpu()
     from pva.launch import make_accelerator
     from pva.pretraining import pretrain
     from pva.weights import save_pva
 
-    torch.set_num_threads(1)
     world = synthetic_world()
     with tempfile.TemporaryDirectory() as run:
         config = identity_config(Path(run))
-        result = pretrain(
-            config, world_base(world), world.dataset(), world.faces(), make_accelerator(cpu=True)
-        )
-    save_pva(result.pva, Path(out), overwrite=True)
+        result = pretrain(config, world_base(), world.dataset(), world.faces(), make_accelerator(cpu=True))
+    # the run's folders are this machine's: the file records the world by name
+    result.pva.provenance["pretrained"]["dataset"] = "synthetic-people"
+    save_pva(result.pva, path, overwrite=True)
+
+
+def identity_model(world: World | None = None) -> Path:
+    """The PVA file IDENTITY_RECIPE pretrains from world_base on the world's training people
+    (cached; about 10 minutes on one core)."""
+    return ensure("world-identity-model")
 
 
 # -- a VAE whose decoder gives back the faces its (random) encoder saw ---------------------------
@@ -317,20 +283,24 @@ def _train_identity_model(out: str) -> None:
 # decoder alone to invert that encoder keeps both models valid and makes their pictures
 # measurable (blurry at 64 px, face colours kept: 600 steps measured a mean squared error of 0.059
 # on -1..1 pixels, from 0.60 untrained).
-DECODER_RECIPE = dict(steps=1200, batch=16, learning_rate=1e-3, pool=1024, resolution=64, seed=5, version=1)
+DECODER_RECIPE = dict(
+    steps=1200, batch=16, learning_rate=1e-3, pool=1024, resolution=64, seed=world_seed(5), version=2
+)
 
 
-def world_vae(world: World):  # noqa: ANN201
+@artefact("world-decoder", DECODER_RECIPE, needs=("synthetic-people",), slow=True)
+def _build_world_decoder(path: Path) -> None:
+    """tiny_vae() with its decoder trained to invert its random encoder on the world's faces."""
+    autoencoder = tiny_vae().first_stage_model
+    _train_decoder(autoencoder, synthetic_world())
+    _save_state(autoencoder, path)
+
+
+def world_vae(world: World | None = None):  # noqa: ANN201
     """tiny_vae() (the encoder world_base was trained with) with a decoder trained on the
     world's training faces (cached)."""
     vae = tiny_vae()
-    autoencoder = vae.first_stage_model
-    trained_weights(
-        autoencoder,
-        "tiny-vae-synthetic-people-decoder",
-        [DECODER_RECIPE, WORLD],
-        lambda: _train_decoder(autoencoder, world),
-    )
+    _load_state(vae.first_stage_model, ensure("world-decoder"))
     return vae
 
 
@@ -356,3 +326,24 @@ def _train_decoder(autoencoder: torch.nn.Module, world: World) -> None:
             optimizer.step()
         for parameter in parameters:
             parameter.requires_grad_(False)
+
+
+def pretraining_run(world: World, output: Path, base=None, **overrides):  # noqa: ANN001, ANN201
+    """A callable running pretrain() in this process on the world with the tiny base: one step,
+    batch 1, 64 px (`overrides` change the configuration; its keyword arguments go to pretrain)."""
+    from pva.launch import make_accelerator
+    from pva.pretraining import pretrain
+    from pva.pretraining_config import PretrainingConfig
+    from pva.pretraining_data import SampleSettings
+
+    settings = dict(
+        output_dir=output, max_steps=1, batch_size=1, gradient_accumulation=1, time_bins=1, num_tokens=4,
+        encoder_depth=1, loader_workers=0, validation_samples=2, preview_samples=0, samples=SampleSettings(resolution=64),
+    )  # fmt: skip
+    config = PretrainingConfig(**{**settings, **overrides})
+
+    def run(**kwargs):  # noqa: ANN003, ANN202
+        accelerator = make_accelerator(cpu=True)
+        return pretrain(config, base or tiny_base(), world.dataset(), world.faces(), accelerator, **kwargs)
+
+    return run
