@@ -65,6 +65,7 @@ class PreprocessReport:
     people_usable: int = 0
     people_too_few_photos: int = 0
     people_reused: int = 0  # found in the cache, not processed again
+    people_damaged: int = 0  # their cache file was damaged (truncated, foreign): made again
     photos: int = 0
     photos_usable: int = 0
     photos_without_face: int = 0
@@ -93,7 +94,7 @@ class PreprocessReport:
             f"{MIN_PHOTOS} usable photos (left out); {self.photos} photos: {self.photos_usable} usable, "
             f"{self.photos_without_face} without a face, {self.photos_unreadable} unreadable, "
             f"{self.photos_with_several_faces} with several faces (largest used); "
-            f"{self.people_reused} people reused from the cache"
+            f"{self.people_reused} people reused from the cache, {self.people_damaged} damaged cache files made again"
         )
 
 
@@ -132,18 +133,50 @@ def _photos_fingerprint(person: Person) -> str:
     return digest.hexdigest()[:24]
 
 
-def _cached_summary(path: Path, fingerprint: str) -> dict | None:
-    """The header of a finished person file made with these settings and photos, else None."""
-    if not path.is_file():
-        return None
+class DamagedCacheFile(Exception):
+    """A face-cache file that cannot be what preprocessing wrote; the message says what is wrong."""
+
+
+def read_person_file(path: Path) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The summary, embeddings and mirrored embeddings of one person's cache file, checked:
+    DamagedCacheFile when it is truncated, another kind of file, or inconsistent."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            summary = json.loads((f.metadata() or {}).get("summary", "null"))
-    except Exception:  # a damaged file (e.g. copied half) is simply made again
-        return None
-    if not isinstance(summary, dict) or summary.get("fingerprint") != fingerprint:
-        return None
-    return summary
+            metadata = f.metadata() or {}
+            if metadata.get("format") != "comfyui-pva-faces":
+                raise DamagedCacheFile("not a face-cache file of this pack (no 'comfyui-pva-faces' header)")
+            summary = json.loads(metadata.get("summary", "null"))
+            embeddings, mirrored = f.get_tensor("embeddings"), f.get_tensor("mirrored")
+            crops = tuple(f.get_slice("crops").get_shape())
+    except DamagedCacheFile:
+        raise
+    except ValueError as error:  # json
+        raise DamagedCacheFile(f"its header is damaged ({error})") from None
+    except Exception as error:  # safetensors' own error types: a pickle, a truncated copy, ...
+        raise DamagedCacheFile(f"cannot be read as a .safetensors file ({error})") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("photos"), list):
+        raise DamagedCacheFile("its header has no list of photos")
+    count = len(summary["photos"])
+    expected = {"embeddings": (count, 512), "mirrored": (count, 512), "crops": (count, 3, 160, 160)}
+    found = {"embeddings": tuple(embeddings.shape), "mirrored": tuple(mirrored.shape), "crops": crops}
+    for name, shape in expected.items():
+        if found[name] != shape:
+            raise DamagedCacheFile(f"{name} has shape {list(found[name])} for {count} photos")
+    if not (torch.isfinite(embeddings).all() and torch.isfinite(mirrored).all()):
+        raise DamagedCacheFile("its embeddings are not finite numbers")
+    return summary, embeddings, mirrored
+
+
+def _cached_summary(path: Path, fingerprint: str) -> tuple[dict | None, bool]:
+    """(The header of a finished person file made with these settings and photos, or None;
+    whether a file was there but damaged, and is to be made again.)"""
+    if not path.is_file():
+        return None, False
+    try:
+        summary, _, _ = read_person_file(path)
+    except DamagedCacheFile:
+        return None, True
+    return (summary if summary.get("fingerprint") == fingerprint else None), False
 
 
 def _read_photo(path: Path) -> torch.Tensor:
@@ -260,7 +293,8 @@ def preprocess_dataset(
     for person in dataset.people.values():
         person_fingerprint = f"{fingerprint}:{_photos_fingerprint(person)}"
         out = person_file(cache_dir, person.name)
-        cached = _cached_summary(out, person_fingerprint)
+        cached, damaged = _cached_summary(out, person_fingerprint)
+        report.people_damaged += damaged
         if cached is not None:
             report.add(cached, reused=True)
             continue
@@ -299,25 +333,25 @@ def load_faces(cache_dir: str | os.PathLike, people: Iterable[str]) -> dict[str,
         if not path.is_file():
             missing.append(name)
             continue
-        with safe_open(str(path), framework="pt") as f:
-            summary = json.loads(f.metadata()["summary"])
-            embeddings, mirrored = f.get_tensor("embeddings"), f.get_tensor("mirrored")
-        photos = summary["photos"]
+        try:
+            summary, embeddings, mirrored = read_person_file(path)
+            photos = summary["photos"]
+            faces = tuple(
+                DetectedFace(tuple(p["box"]), tuple(tuple(q) for q in p["landmarks"]), p["probability"])
+                for p in photos
+            )
+            keys, sizes = tuple(p["key"] for p in photos), tuple(tuple(p["size"]) for p in photos)
+        except (DamagedCacheFile, KeyError, TypeError, ValueError) as error:
+            what = (
+                error if isinstance(error, DamagedCacheFile) else f"a photo's entry is incomplete ({error!r})"
+            )
+            raise PVAError(
+                f"{path}: {what}; run scripts/preprocess_faces.py again with the same --cache, which "
+                "makes damaged files again."
+            ) from None
         if len(photos) < MIN_PHOTOS:
             continue
-        faces = tuple(
-            DetectedFace(tuple(p["box"]), tuple(tuple(q) for q in p["landmarks"]), p["probability"])
-            for p in photos
-        )
-        loaded[name] = PersonFaces(
-            name,
-            tuple(p["key"] for p in photos),
-            faces,
-            tuple(tuple(p["size"]) for p in photos),
-            embeddings,
-            mirrored,
-            path,
-        )
+        loaded[name] = PersonFaces(name, keys, faces, sizes, embeddings, mirrored, path)
     if missing:
         raise PVAError(
             f"cache {cache_dir}: {len(missing)} people of the dataset were never preprocessed (e.g. {missing[0]!r}); "

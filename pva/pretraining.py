@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .checkpoints import STATE_FORMAT, find_checkpoint, read_state, save_checkpoint
+from .checkpoints import recover as recover_checkpoints
 from .datasets import FaceDataset
 from .errors import PVAError
 from .files import make_writable_folder, write_atomically
@@ -224,6 +225,10 @@ def pretrain(
     accelerator.gradient_accumulation_steps = config.gradient_accumulation  # accumulate() follows it
     output_dir = Path(config.output_dir)
     make_writable_folder(output_dir, "output")
+    if accelerator.is_main_process:
+        for line in recover_checkpoints(output_dir):  # what a killed run left half-way
+            print(f"[PVA pretraining] {line}", flush=True)
+    accelerator.wait_for_everyone()
     train_people = [p for p in dataset.splits.get("train", ()) if p in faces]
     val_people = [p for p in dataset.splits.get("val", ()) if p in faces]
     if config.stage == 2 and facenet is None:
@@ -339,7 +344,11 @@ def _resume_into(
 ) -> dict:
     folder = find_checkpoint(output_dir, resume)
     raw = folder / "pva-raw.safetensors"  # the trained weights when the export is an EMA
-    resumed = load_pva(raw if raw.is_file() else folder / "pva.safetensors")
+    weights = raw if raw.is_file() else folder / "pva.safetensors"
+    try:
+        resumed = load_pva(weights)
+    except PVAError as error:
+        raise PVAError(f"{weights}: {error} Resume from another checkpoint (--resume <folder>).") from None
     try:
         check_compatible(resumed, base.model)
     except PVAError as error:
@@ -351,8 +360,14 @@ def _resume_into(
     with torch.no_grad():
         for target, source in zip(pva.parameters(), resumed.parameters(), strict=True):
             target.copy_(source)
-    if facenet is not None and (folder / "facenet.safetensors").is_file():
-        facenet.load_state_dict(load_file(str(folder / "facenet.safetensors")))
+    facenet_file = folder / "facenet.safetensors"
+    if facenet is not None and facenet_file.is_file():
+        try:
+            facenet.load_state_dict(load_file(str(facenet_file)))
+        except Exception as error:  # safetensors' own errors, or tensors of another network
+            raise PVAError(
+                f"{facenet_file}: cannot be read ({error}); resume from another checkpoint (--resume <folder>)."
+            ) from None
     return read_state(folder)
 
 
