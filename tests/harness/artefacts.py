@@ -312,6 +312,9 @@ def _remove(path: Path) -> None:
 
 # -- the command line ---------------------------------------------------------------------------
 def register_all() -> None:
+    from .host import import_comfy_on_cpu
+
+    import_comfy_on_cpu()  # the builders' modules import ComfyUI
     from . import checkpoints, pretrained, pretraining  # noqa: F401  (their artefacts register)
 
 
