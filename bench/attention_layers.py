@@ -73,10 +73,10 @@ def main(argv=None) -> int:
     from harness.models import fill_random
     from torch.utils.benchmark import Timer
 
-    from pva.attention import VisualKeys, parallel_attention, parallel_attention_reference
-    from pva.layers import LayerSpec
-    from pva.model import ParallelProjections
-    from pva.patching import IdentityStream, ParallelCrossAttention
+    from pva.method.attention import VisualKeys, parallel_attention, parallel_attention_reference
+    from pva.method.layers import LayerSpec
+    from pva.method.model import ParallelProjections
+    from pva.method.patching import IdentityStream, ParallelCrossAttention
 
     class Projections(torch.nn.Module):  # the part of PVAModel that IdentityStream uses
         def __init__(self, spec):

@@ -112,15 +112,15 @@ def _has_accelerator() -> bool:
 @contextmanager
 def reference_attention():
     """Swap the fused call that ParallelCrossAttention makes for the written-out formula."""
-    import pva.patching
-    from pva.attention import parallel_attention_reference
+    import pva.method.patching
+    from pva.method.attention import parallel_attention_reference
 
-    fused = pva.patching.parallel_attention
-    pva.patching.parallel_attention = parallel_attention_reference
+    fused = pva.method.patching.parallel_attention
+    pva.method.patching.parallel_attention = parallel_attention_reference
     try:
         yield
     finally:
-        pva.patching.parallel_attention = fused
+        pva.method.patching.parallel_attention = fused
 
 
 @contextmanager
@@ -129,7 +129,7 @@ def nothing():
 
 
 def make_variants(patcher, pva_model, tokens):
-    from pva.patching import apply_identity
+    from pva.method.patching import apply_identity
 
     both = apply_identity(patcher, pva_model, tokens, strength=1.0, scope="both")
     positive = apply_identity(patcher, pva_model, tokens, strength=1.0, scope="positive")
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     import comfy.ldm.modules.attention
     import comfy.model_management
 
-    from pva.model import PVAModel
+    from pva.method.model import PVAModel
 
     load_start = os.getloadavg()[0]
     torch_device = comfy.model_management.get_torch_device()

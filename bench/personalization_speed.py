@@ -6,7 +6,7 @@ that its peak memory is its own:
 
   bare   the plain UNet, forward + backward + AdamW step, training only the cross-attention
          layers' to_k/to_v weights (the cheapest comparable fine-tune, Custom-Diffusion style)
-  pva    pva.training.Personalizer: identity encoder + parallel projections trained through
+  pva    pva.training.personalize.Personalizer: identity encoder + parallel projections trained through
          ComfyUI's cond batching, inpaint conditioning and model management
 
 Target: pva step / bare step <= 1.2.
@@ -80,8 +80,9 @@ def run_pva(torch, patcher, args, device) -> list[float]:
     from harness.models import text_conditioning, tiny_vae
     from harness.people import synthetic_person
 
-    from pva.model import PVAModel
-    from pva.training import Personalizer, TrainingSettings, encode_inpaint_targets, training_mode
+    from pva.method.model import PVAModel
+    from pva.training.personalize import Personalizer, TrainingSettings, encode_inpaint_targets
+    from pva.training.session import training_mode
 
     data = synthetic_person((0.8, 0.3, 0.3), seed=1, resolution=args.size)
     settings = TrainingSettings(

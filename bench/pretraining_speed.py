@@ -6,7 +6,7 @@ same batch (batch_size targets x time_bins noise levels) and run in their own pr
 
   bare   the plain UNet, forward + backward + AdamW step, training only the cross-attention
          layers' to_k/to_v weights (the cheapest comparable fine-tune)
-  pva    pva.pretraining: a full training step (data loading, the VAE's inpainting latents,
+  pva    pva.pretraining.run: a full training step (data loading, the VAE's inpainting latents,
          ComfyUI's cond batching, identity encoder + parallel projections, AdamW), 1 process
   pva2   the same with 2 processes (torchrun, gloo on CPU / NCCL on GPUs): samples per second
 
@@ -99,9 +99,10 @@ def run_pva(torch, args, device, accelerator) -> list[float]:
     from harness.checkpoints import SD_VAE_DDCONFIG, fill_deterministic
     from harness.pretraining import synthetic_world, tiny_text_encoder
 
-    from pva.pretraining import Base, pretrain
-    from pva.pretraining_config import PretrainingConfig
-    from pva.pretraining_data import SampleSettings
+    from pva.pretraining.config import PretrainingConfig
+    from pva.pretraining.run import pretrain
+    from pva.pretraining.samples import SampleSettings
+    from pva.pretraining.session import Base
 
     with accelerator.main_process_first():
         world = synthetic_world()

@@ -2,7 +2,7 @@
 
 from comfy_api.latest import io
 
-from ..pva.patching import SCOPES, apply_identity
+from ..pva.method.patching import SCOPES, apply_identity
 from .types import CATEGORY, IdentityType, PVAModelType
 
 

@@ -4,8 +4,8 @@ fits between the two nodes (Impact Pack's SEGS style)."""
 from comfy_api.latest import io
 
 from ..pva.errors import PVAError
-from ..pva.face_crops import SMALL_FACES, crop_faces, paste_faces
-from ..pva.layers import native_resolution
+from ..pva.faces.crops import SMALL_FACES, crop_faces, paste_faces
+from ..pva.method.layers import native_resolution
 from .types import CATEGORY, FaceCropsType, FacesType
 
 

@@ -3,9 +3,9 @@
 import torch
 from comfy_api.latest import io
 
-from ..pva.face_preview import preview_faces
-from ..pva.faces import ORDERS, DetectionSettings, find_faces, parse_selection, require_faces
-from ..pva.regions import REGIONS, face_masks
+from ..pva.faces.detection import ORDERS, DetectionSettings, find_faces, parse_selection, require_faces
+from ..pva.faces.preview import preview_faces
+from ..pva.faces.regions import REGIONS, face_masks
 from .types import CATEGORY, FacesType, detection_threshold_input
 
 IF_NO_FACE = ("error", "skip")

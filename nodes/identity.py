@@ -3,9 +3,9 @@
 import torch
 from comfy_api.latest import io
 
-from ..pva.face_embeddings import embed_photos
-from ..pva.faces import DetectionSettings
-from ..pva.identity import Identity
+from ..pva.faces.detection import DetectionSettings
+from ..pva.faces.embeddings import embed_photos
+from ..pva.method.identity import Identity
 from .types import CATEGORY, FaceNetType, FacesType, IdentityType, detection_threshold_input
 
 

@@ -6,9 +6,9 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..pva.errors import PVAError
-from ..pva.facenet import load_facenet
-from ..pva.model import PVAModel
-from ..pva.weights import load_pva
+from ..pva.faces.facenet import load_facenet
+from ..pva.method.model import PVAModel
+from ..pva.method.weights import load_pva
 from .types import CATEGORY, FaceNetType, PVAModelType
 
 

@@ -5,9 +5,9 @@ import torch
 from comfy_api.latest import io
 from tqdm import tqdm
 
-from ..pva.model import PVAModel
-from ..pva.training import TRAINABLE, TrainingSettings, personalize
-from ..pva.training_data import prepare_personalization_data
+from ..pva.method.model import PVAModel
+from ..pva.training.data import prepare_personalization_data
+from ..pva.training.personalize import TRAINABLE, TrainingSettings, personalize
 from .loss_plot import loss_curve_image
 from .types import CATEGORY, FaceNetType, PVAModelType, detection_threshold_input
 

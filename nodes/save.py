@@ -7,7 +7,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..pva.errors import PVAError
-from ..pva.weights import save_pva
+from ..pva.method.weights import save_pva
 from .types import CATEGORY, PVAModelType
 
 NAME_PATTERN = re.compile(r"^[\w][\w .()+-]*$")

@@ -5,9 +5,9 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..pva.errors import PVAError
-from ..pva.faces import DetectionSettings
-from ..pva.recognition import FACE_MODES, FaceLocator, load_recognizer
-from ..pva.recognition.check import NO_FACE_SCORE, check_identity
+from ..pva.faces.detection import DetectionSettings
+from ..pva.measure.recognition import FACE_MODES, FaceLocator, load_recognizer
+from ..pva.measure.recognition.check import NO_FACE_SCORE, check_identity
 from .types import CATEGORY, FaceNetType, IdentityType
 
 BUILT_IN = ("dlib", "facenet")

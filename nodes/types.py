@@ -2,10 +2,10 @@
 
 from comfy_api.latest import io
 
-PVAModelType = io.Custom("PVA_MODEL")  # pva.model.PVAModel
+PVAModelType = io.Custom("PVA_MODEL")  # pva.method.model.PVAModel
 FaceNetType = io.Custom("FACENET")  # pva.facenet.FaceNet (InceptionResnetV1 + ModelPatcher)
 IdentityType = io.Custom("PVA_IDENTITY")  # pva.identity.Identity (face embeddings)
-FacesType = io.Custom("FACES")  # pva.faces.Faces (per photo: its size, boxes, landmarks, scores)
+FacesType = io.Custom("FACES")  # pva.faces.detection.Faces (per photo: its size, boxes, landmarks, scores)
 FaceCropsType = io.Custom("PVA_FACE_CROPS")  # pva.face_crops.FaceCrops (where each crop came from)
 
 CATEGORY = "PVA face inpainting"

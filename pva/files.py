@@ -60,3 +60,25 @@ def make_writable_folder(folder: str | os.PathLike, what: str) -> Path:
             f"{what}: cannot write to {folder} ({error.strerror}); choose a folder you can write to."
         ) from None
     return folder
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with the header's metadata in sorted order: the same tensors and
+    metadata give the same bytes in every process (safetensors orders metadata by a hash that is
+    seeded anew in each process)."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata)
+    if not metadata:
+        return
+    with open(path, "rb") as f:
+        length = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(length))
+        data = f.read()
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded + data)

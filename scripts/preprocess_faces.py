@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
 
-    from pva.datasets import open_dataset
-    from pva.preprocess import PreprocessSettings, preprocess_dataset
+    from pva.data.datasets import open_dataset
+    from pva.data.preprocess import PreprocessSettings, preprocess_dataset
 
     try:
         dataset = open_dataset(args.data, layout=args.layout)

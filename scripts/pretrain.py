@@ -27,8 +27,8 @@ from pva.errors import PVAError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from pva.pretraining_config import PretrainingConfig
-    from pva.pretraining_data import SampleSettings
+    from pva.pretraining.config import PretrainingConfig
+    from pva.pretraining.samples import SampleSettings
 
     d, s = PretrainingConfig(output_dir=Path(".")), SampleSettings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pva.launch import import_comfyui, make_accelerator
+    from pva.launch import launch
 
     mixed_precision = args.mixed_precision
     if mixed_precision == "auto":  # bf16 where the GPU has it natively, else full precision
@@ -109,21 +109,22 @@ def run(args: argparse.Namespace) -> int:
             print("TensorBoard is not installed (pip install tensorboard): no logs, only the console.")
         else:
             log_with = "tensorboard"
-    accelerator = make_accelerator(
+    accelerator = launch(
+        args.comfyui,
         cpu=True if args.cpu else None,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation,
         log_with=log_with,
         project_dir=Path(args.output) / "logs",
     )
-    import_comfyui(args.comfyui, cpu=accelerator.device.type == "cpu")
 
-    from pva.datasets import open_dataset
-    from pva.preprocess import load_faces
-    from pva.pretraining import config_for_logging, load_base, pretrain
-    from pva.pretraining_config import PretrainingConfig
-    from pva.pretraining_data import SampleSettings
-    from pva.weights import save_pva
+    from pva.data.datasets import open_dataset
+    from pva.data.preprocess import load_faces
+    from pva.method.weights import save_pva
+    from pva.pretraining.config import PretrainingConfig
+    from pva.pretraining.run import config_for_logging, pretrain
+    from pva.pretraining.samples import SampleSettings
+    from pva.pretraining.session import load_base
 
     config = PretrainingConfig(
         output_dir=Path(args.output),
@@ -159,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     if args.stage == 2:
         if not args.facenet:
             raise PVAError("--stage 2 fine-tunes FaceNet: give --facenet.")
-        from pva.facenet import load_facenet_model
+        from pva.faces.facenet import load_facenet_model
 
         facenet = load_facenet_model(args.facenet)
     base = load_base(args.checkpoint)

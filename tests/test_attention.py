@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pva.attention import VisualKeys, parallel_attention, parallel_attention_reference
+from pva.method.attention import VisualKeys, parallel_attention, parallel_attention_reference
 
 HEADS, DIM_HEAD, TEXT, TOKENS = 8, 40, 77, 10
 

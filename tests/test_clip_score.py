@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from harness.tiny_models import tiny_clip
 
-from pva.clip_score import ClipScorer
 from pva.errors import PVAError, PVAWeightsError
+from pva.measure.clip_score import ClipScorer
 
 
 @pytest.fixture(scope="module")

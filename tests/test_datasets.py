@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pva.datasets import open_dataset, seeded_split
+from pva.data.datasets import open_dataset, seeded_split
 from pva.errors import PVAError
 
 

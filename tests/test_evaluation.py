@@ -34,16 +34,16 @@ from harness.synthetic_faces import write_synthetic_split
 from harness.tiny_models import export_onnx, tiny_arcface, tiny_clip
 from PIL import Image
 
-from pva.clip_score import ClipScorer
-from pva.datasets import open_dataset
+from pva.data.datasets import open_dataset
 from pva.errors import PVAError, PVAWeightsError
 from pva.evaluation import EvaluationModels, EvaluationSettings, MetricTools, evaluate, load_models
 from pva.evaluation.report import PAPER_ROWS
-from pva.facenet import load_facenet
-from pva.image_metrics import fid, image_features
-from pva.model import PVAModel
-from pva.recognition import FaceLocator, load_recognizer, locate_and_embed
-from pva.recognition.base import cosine
+from pva.faces.facenet import load_facenet
+from pva.measure.clip_score import ClipScorer
+from pva.measure.image_metrics import fid, image_features
+from pva.measure.recognition import FaceLocator, load_recognizer, locate_and_embed
+from pva.measure.recognition.base import cosine
+from pva.method.model import PVAModel
 
 pytestmark = pytest.mark.pipeline
 
@@ -296,7 +296,7 @@ def test_script_shares_identities_among_processes_and_paints_what_one_process_do
     import comfy.sd
     from harness.checkpoints import sd15_inpaint_small_checkpoint
 
-    from pva.weights import save_pva
+    from pva.method.weights import save_pva
 
     checkpoint = sd15_inpaint_small_checkpoint()
     model, *_ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_clip=False)
@@ -352,7 +352,7 @@ def test_held_out_people_are_painted_more_like_themselves_with_zero_shot_pva(tmp
     of what separates a person from another tint of the same portrait, 0.80 vs 0.47)."""
     from harness.pretraining import identity_model, synthetic_world, world_base, world_vae
 
-    from pva.weights import load_pva
+    from pva.method.weights import load_pva
 
     world = synthetic_world()
     base = world_base(world)

@@ -9,10 +9,10 @@ from harness.models import tiny_model
 from harness.portraits import canvas_with_portraits
 
 from pva.errors import PVAError
-from pva.face_crops import crop_faces, crop_square, paste_faces
-from pva.faces import DetectedFace, DetectionSettings, Faces, PhotoFaces, find_faces
-from pva.layers import native_resolution
-from pva.regions import face_masks, grow_mask, region_mask
+from pva.faces.crops import crop_faces, crop_square, paste_faces
+from pva.faces.detection import DetectedFace, DetectionSettings, Faces, PhotoFaces, find_faces
+from pva.faces.regions import face_masks, grow_mask, region_mask
+from pva.method.layers import native_resolution
 
 FEATHER = 8
 RED = torch.tensor([1.0, 0.0, 0.0])
@@ -236,7 +236,7 @@ def test_personalization_trains_on_the_same_kind_of_crop(photos, faces):
     pixels (kept in 0..1) and a whole-face mask where the face is in the crop."""
     from facenet_pytorch import InceptionResnetV1
 
-    from pva.training_data import prepare_personalization_data
+    from pva.training.data import prepare_personalization_data
 
     torch.manual_seed(0)
     facenet = InceptionResnetV1().eval()

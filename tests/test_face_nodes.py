@@ -11,7 +11,7 @@ from harness.references import faceless_photo
 PACK = load_pack()
 nodes = PACK.nodes
 errors = PACK.pva.errors
-regions = PACK.pva.regions
+regions = PACK.pva.faces.regions
 
 
 def run(node, **inputs) -> tuple:

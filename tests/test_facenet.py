@@ -9,7 +9,7 @@ from facenet_pytorch import InceptionResnetV1
 from safetensors.torch import save_file
 
 from pva.errors import PVAError, PVAWeightsError
-from pva.facenet import FaceNet, embed_faces, load_facenet
+from pva.faces.facenet import FaceNet, embed_faces, load_facenet
 
 HINT = "put the FaceNet VGGFace2 weights (20180402-114759-vggface2.pt) in ComfyUI/models/facenet/"
 
@@ -189,7 +189,7 @@ def test_the_test_suites_random_facenet_tells_people_apart():
     from harness.checkpoints import facenet_random_weights
     from harness.portraits import portrait
 
-    from pva.face_embeddings import embed_photos
+    from pva.faces.embeddings import embed_photos
 
     facenet = load_facenet(facenet_random_weights())
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
-import pva.faces as faces
+import pva.faces.detection as faces
 from pva.errors import NoFaceFoundError, PVAError
 
 

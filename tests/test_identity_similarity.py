@@ -82,8 +82,8 @@ def test_dlib_same_person_different_person_and_no_face(comfy_server, inputs):
 
 
 def test_onnx_recognizer_from_the_models_folder(comfy_server, inputs):
-    from pva.recognition import FaceLocator, load_recognizer
-    from pva.recognition.check import check_identity
+    from pva.measure.recognition import FaceLocator, load_recognizer
+    from pva.measure.recognition.check import check_identity
 
     assert "face_recognition" in comfy_server.get_json("/models")  # the pack registered the folder
     folder = comfy_server.base / "models" / "face_recognition"

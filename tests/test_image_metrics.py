@@ -19,7 +19,7 @@ import torch
 from scipy import linalg
 
 from pva.errors import PVAError, PVAWeightsError
-from pva.image_metrics import fid, image_features, kid, load_inception
+from pva.measure.image_metrics import fid, image_features, kid, load_inception
 
 
 def small_extractor(seed: int = 0):

@@ -11,8 +11,8 @@ from harness.checkpoints import facenet_random_weights
 from harness.models import tiny_model
 from harness.server import make_base_directory
 
-from pva.model import PVAModel
-from pva.weights import save_pva
+from pva.method.model import PVAModel
+from pva.method.weights import save_pva
 
 
 @pytest.fixture

@@ -4,10 +4,10 @@ import pytest
 import torch
 from harness.models import run_unet, tiny_model, unet_inputs
 
-from pva.attention import VisualKeys, parallel_attention_reference
 from pva.errors import PVAError
-from pva.model import PVAModel
-from pva.patching import apply_identity
+from pva.method.attention import VisualKeys, parallel_attention_reference
+from pva.method.model import PVAModel
+from pva.method.patching import apply_identity
 
 FAMILIES = ["sd15", "sd20", "sd20v", "sdxl"]
 
@@ -167,12 +167,14 @@ def test_face_swap_identities_each_act_on_their_own_branch():
 def test_uncond_half_skips_the_wide_attention(monkeypatch):
     """Positive-only identities: the uncond samples of a CFG batch take the original attention,
     so the fused (wider, costlier) call sees only the cond samples."""
-    import pva.patching
+    import pva.method.patching
 
     batches = []
-    fused = pva.patching.parallel_attention
+    fused = pva.method.patching.parallel_attention
     monkeypatch.setattr(
-        pva.patching, "parallel_attention", lambda q, *rest: batches.append(q.shape[0]) or fused(q, *rest)
+        pva.method.patching,
+        "parallel_attention",
+        lambda q, *rest: batches.append(q.shape[0]) or fused(q, *rest),
     )
     model = tiny_model("sd15")
     weights = PVAModel.initialize_from(model, num_tokens=4, encoder_depth=1)
@@ -297,12 +299,12 @@ def test_attention_upcast_follows_comfyuis_policy(monkeypatch, forced_upcast):
     forced upcast on macOS >= 14.5), so the identity layers are as safe from overflow as the rest."""
     import comfy.ldm.modules.attention as comfy_attention
 
-    import pva.patching
+    import pva.method.patching
 
     dtypes = []
-    fused = pva.patching.parallel_attention
+    fused = pva.method.patching.parallel_attention
     monkeypatch.setattr(
-        pva.patching, "parallel_attention", lambda q, *rest: dtypes.append(q.dtype) or fused(q, *rest)
+        pva.method.patching, "parallel_attention", lambda q, *rest: dtypes.append(q.dtype) or fused(q, *rest)
     )
     monkeypatch.setattr(
         comfy_attention,

@@ -14,8 +14,14 @@ from harness.models import text_conditioning, tiny_model, tiny_vae
 from harness.people import synthetic_person
 
 from pva.errors import PVAError
-from pva.model import PVAModel
-from pva.training import Personalizer, TrainingSettings, encode_inpaint_targets, personalize, training_mode
+from pva.method.model import PVAModel
+from pva.training.personalize import (
+    Personalizer,
+    TrainingSettings,
+    encode_inpaint_targets,
+    personalize,
+)
+from pva.training.session import training_mode
 
 SETTINGS = dict(steps=40, learning_rate=2e-3, time_bins=4, seed=0)
 
@@ -89,8 +95,15 @@ def test_forty_steps_lower_the_held_out_loss(setup, trained_on_a):
 def test_training_on_one_person_helps_that_person_not_another(setup):
     """Personalization learns *this* person. On a base that already inpaints (random weights
     cannot show it: see harness/pretrained.py), 40 steps on one person lower that person's
-    face-region loss clearly and leave the other's where it was (within 3%), and each person is
-    served best by their own model."""
+    face-region loss, clearly more than the other person's, and each person is served better by
+    their own model than by the other's.
+
+    Bounds from the spread over three independently seeded worlds (PVA_TEST_WORLD_SEED 0, 1, 2;
+    `-m claims -s` prints the figures), six trained-person / other-person pairs, loss before /
+    after: own gain 1.009 .. 1.153; the other's 0.863 .. 1.033 (so the other person's loss does
+    move, by up to 14%: "it stays put" is not a claim this holds); own gain minus the other's
+    0.108 .. 0.146 (bound 0.06); own model's loss / the other model's on that person 0.78 ..
+    0.962 (bound 0.98)."""
     from harness.pretrained import pretrained_inpainting_model
 
     *_, person_a, person_b = setup
@@ -112,11 +125,13 @@ def test_training_on_one_person_helps_that_person_not_another(setup):
     for own, other in (("a", "b"), ("b", "a")):
         gain_own = before[own] / after[own, own]
         gain_other = before[other] / after[own, other]
-        # Measured: own 1.12 / 1.09, other 1.000 / 0.991 (loss before / after).
-        assert gain_own >= 1.06, (own, before, after)
-        assert abs(gain_other - 1) <= 0.03, (own, before, after)  # the other person's stays put
+        served = after[own, own] / after[other, own]
+        print(
+            f"\n[personalization] trained on {own}: own gain {gain_own:.4f}, {other}'s {gain_other:.4f}, own/other model {served:.4f}"
+        )
+        assert gain_own > 1.0, (own, before, after)
         assert gain_own - gain_other >= 0.06, (own, before, after)
-        assert after[own, own] <= 0.95 * after[other, own], (own, before, after)
+        assert served <= 0.98, (own, before, after)
 
 
 def test_base_weights_and_input_pva_are_unchanged(setup, trained_on_a):
@@ -411,7 +426,7 @@ def test_references_without_faces_or_none_at_all_are_explained():
     from facenet_pytorch import InceptionResnetV1
 
     from pva.errors import NoFaceFoundError
-    from pva.training_data import prepare_personalization_data
+    from pva.training.data import prepare_personalization_data
 
     facenet = InceptionResnetV1().eval()
     with pytest.raises(PVAError, match="reference_images: the batch is empty"):

@@ -18,13 +18,19 @@ from harness.models import text_conditioning, tiny_model, tiny_vae
 from harness.people import synthetic_person
 from harness.portraits import portrait
 
-import pva.patching
-from pva.face_embeddings import embed_photos
-from pva.facenet import embed_faces
-from pva.identity_encoder import IdentityEncoder
-from pva.model import PVAModel
-from pva.training import Personalizer, TrainingSettings, encode_inpaint_targets, personalize, training_mode
-from pva.training_data import prepare_personalization_data
+import pva.method.patching
+from pva.faces.embeddings import embed_photos
+from pva.faces.facenet import embed_faces
+from pva.method.encoder import IdentityEncoder
+from pva.method.model import PVAModel
+from pva.training.data import prepare_personalization_data
+from pva.training.personalize import (
+    Personalizer,
+    TrainingSettings,
+    encode_inpaint_targets,
+    personalize,
+)
+from pva.training.session import training_mode
 
 
 @pytest.fixture(scope="module")
@@ -186,9 +192,9 @@ def test_a_half_precision_model_trains_float32_pva_parameters(monkeypatch, vae, 
     model = tiny_model("sd15", in_channels=9, dtype=torch.bfloat16)
     positive = text_conditioning(model)
     dtypes = []
-    fused = pva.patching.parallel_attention
+    fused = pva.method.patching.parallel_attention
     monkeypatch.setattr(
-        pva.patching, "parallel_attention", lambda q, *rest: dtypes.append(q.dtype) or fused(q, *rest)
+        pva.method.patching, "parallel_attention", lambda q, *rest: dtypes.append(q.dtype) or fused(q, *rest)
     )
     start = PVAModel.initialize_from(model, num_tokens=4, seed=0, encoder_depth=1)
     runs = {

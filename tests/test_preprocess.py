@@ -12,9 +12,9 @@ from harness.synthetic_people import person_photos
 from PIL import Image
 from safetensors import safe_open
 
-from pva.datasets import open_dataset
+from pva.data.datasets import open_dataset
+from pva.data.preprocess import PreprocessSettings, load_faces, person_file, preprocess_dataset
 from pva.errors import PVAError
-from pva.preprocess import PreprocessSettings, load_faces, person_file, preprocess_dataset
 
 pytestmark = pytest.mark.pipeline
 
@@ -75,7 +75,7 @@ def test_counts_skips_and_caches_every_face(messy_dataset, facenet_file, tmp_pat
     # the photo with two faces: the largest face was used (the woman, not the framed portrait)
     assert p0.faces[3].size > 50
     # the cached crops are what FaceNet saw: embedding them again gives the cached embeddings
-    from pva.facenet import embed_faces, load_facenet_model
+    from pva.faces.facenet import embed_faces, load_facenet_model
 
     again = embed_faces(load_facenet_model(facenet_file), p0.crops(range(4)))
     assert torch.nn.functional.cosine_similarity(again, p0.embeddings).min() > 0.999

@@ -104,7 +104,7 @@ def _initial(key: str, like: dict) -> torch.Tensor:
     if not _INITIAL:
         from harness.pretraining import tiny_base
 
-        from pva.model import PVAModel
+        from pva.method.model import PVAModel
 
         pva = PVAModel.initialize_from(tiny_base().model, num_tokens=4, seed=0, encoder_depth=1)
         _INITIAL.update(pva.state_dict())
@@ -164,10 +164,10 @@ def test_resume_from_a_checkpoint_of_another_model_family_is_refused(world, tmp_
     from harness.models import tiny_model, tiny_vae
     from harness.pretraining import tiny_text_encoder
 
-    from pva.checkpoints import save_checkpoint
-    from pva.model import PVAModel
-    from pva.pretraining import Base
-    from pva.weights import save_pva
+    from pva.method.model import PVAModel
+    from pva.method.weights import save_pva
+    from pva.pretraining.checkpoints import save_checkpoint
+    from pva.pretraining.session import Base
 
     sd20 = PVAModel.initialize_from(tiny_model("sd20", in_channels=9), num_tokens=4, encoder_depth=1)
     save_checkpoint(
@@ -197,9 +197,9 @@ def test_resume_from_a_checkpoint_of_another_model_family_is_refused(world, tmp_
 
 
 def test_unwritable_output_and_faceless_people_are_explained(world, tmp_path):
-    from pva.datasets import open_dataset
+    from pva.data.datasets import open_dataset
+    from pva.data.preprocess import PreprocessSettings, load_faces, preprocess_dataset
     from pva.errors import PVAError
-    from pva.preprocess import PreprocessSettings, load_faces, preprocess_dataset
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -220,8 +220,8 @@ def test_unwritable_output_and_faceless_people_are_explained(world, tmp_path):
     from harness.pretraining import tiny_base
 
     from pva.launch import make_accelerator
-    from pva.pretraining import pretrain
-    from pva.pretraining_config import PretrainingConfig
+    from pva.pretraining.config import PretrainingConfig
+    from pva.pretraining.run import pretrain
 
     with pytest.raises(PVAError, match="no person with at least 2 usable photos"):
         pretrain(
@@ -234,7 +234,7 @@ def test_unwritable_output_and_faceless_people_are_explained(world, tmp_path):
 
 
 def test_a_failure_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path):
-    from pva.checkpoints import find_checkpoint, save_checkpoint
+    from pva.pretraining.checkpoints import find_checkpoint, save_checkpoint
 
     def good(path: Path) -> None:
         path.write_bytes(b"ok")
@@ -266,8 +266,8 @@ def test_command_line_pretrains_from_a_checkpoint_file(world, sd15_inpaint_ckpt,
     """scripts/pretrain.py on the full-size SD1.5-inpainting layout (random weights), loaded by
     ComfyUI's load_checkpoint_guess_config: one step, a checkpoint Load PVA Model accepts, a
     TensorBoard log, a validation grid."""
-    from pva.model import PVAModel
-    from pva.weights import load_pva, read_metadata
+    from pva.method.model import PVAModel
+    from pva.method.weights import load_pva, read_metadata
 
     out = tmp_path / "run"
     command = [
@@ -306,15 +306,22 @@ def test_pretraining_learns_identity_on_people_it_never_saw(world, tmp_path):
     model reconstructs the faces of 24 people it never saw best from their own identity tokens:
     the held-out face-region loss with them is lower than with no tokens and lower than with
     another held-out person's. The same measurement on the untrained model is the control: its
-    tokens say nothing about the person, so another person's serve as well as the right ones."""
+    tokens say nothing about the person, so another person's serve as well as the right ones.
+
+    Bounds from the spread over three independently seeded worlds (PVA_TEST_WORLD_SEED 0, 1, 2;
+    96 held-out samples each, the same noise for all three kinds of tokens): no tokens / own
+    1.023 .. 1.062 (bound 1.01); another person's / own 1.0033 .. 1.0072 (bound 1.0015); the
+    untrained model's another person's / own within 0.00019 .. 0.00033 of 1 (bound 0.001). The
+    identity-specific part is small (the tokens mostly help any face) but 10 to 20 times the
+    untrained model's."""
     from harness.host import import_comfy_on_cpu
     from harness.pretraining import identity_config, identity_model, world_base
 
     import_comfy_on_cpu()
     from pva.launch import make_accelerator
-    from pva.model import PVAModel
-    from pva.pretraining import held_out_identity_gaps
-    from pva.weights import load_pva
+    from pva.method.model import PVAModel
+    from pva.method.weights import load_pva
+    from pva.pretraining.validation import held_out_identity_gaps
 
     trained_file = identity_model(world)
     base, dataset, faces = world_base(world), world.dataset(), world.faces()
@@ -328,12 +335,8 @@ def test_pretraining_learns_identity_on_people_it_never_saw(world, tmp_path):
     before = held_out_identity_gaps(config, base, dataset, faces, untrained, accelerator)
     after = held_out_identity_gaps(config, base, dataset, faces, load_pva(trained_file), accelerator)
     print(f"\n[identity] held-out face loss, untrained: {before}\n[identity] pretrained: {after}")
-    # Measured on 96 held-out samples (the same noise for all three): own 0.0480, none 0.0518
-    # (7.8% more), another person's 0.0483 (0.49% more). Untrained: another person's tokens
-    # 0.004% worse than the right ones, no tokens 0.24% *better*. The identity-specific part is
-    # small (the tokens mostly help any face) but 100x the untrained model's.
-    assert after["own"] < 0.96 * after["none"], after
-    assert after["own"] < 0.9975 * after["other"], after
+    assert after["none"] / after["own"] > 1.01, after
+    assert after["other"] / after["own"] > 1.0015, after
     # the control: before pretraining, the right person's tokens are no better than another's
-    assert abs(before["other"] / before["own"] - 1) < 0.0005, before
+    assert abs(before["other"] / before["own"] - 1) < 0.001, before
     assert after["own"] < before["own"], (before, after)

@@ -17,8 +17,8 @@ import pytest
 import torch
 from harness.host import REPO_ROOT, comfyui_path
 
-from pva.checkpoints import REQUIRED, find_checkpoint, recover, save_checkpoint
 from pva.errors import PVAError
+from pva.pretraining.checkpoints import REQUIRED, find_checkpoint, recover, save_checkpoint
 
 
 class Payload:
@@ -49,8 +49,8 @@ def world():
 @pytest.fixture
 def small_cache(world, tmp_path):
     """The world's dataset reduced to 3 people, with a copy of their face cache."""
-    from pva.datasets import open_dataset
-    from pva.preprocess import person_file
+    from pva.data.datasets import open_dataset
+    from pva.data.preprocess import person_file
 
     names = sorted(world.dataset().people)[:3]
     data, cache = tmp_path / "people", tmp_path / "faces"
@@ -65,7 +65,7 @@ def small_cache(world, tmp_path):
 def test_damaged_face_cache_entries_are_named_and_preprocessing_makes_them_again(
     world, small_cache, tmp_path
 ):
-    from pva.preprocess import PreprocessSettings, load_faces, person_file, preprocess_dataset
+    from pva.data.preprocess import PreprocessSettings, load_faces, person_file, preprocess_dataset
 
     dataset, cache = small_cache
     first, second, third = sorted(dataset.people)
@@ -103,7 +103,7 @@ def test_damaged_face_cache_entries_are_named_and_preprocessing_makes_them_again
 
 @pytest.mark.test_models("synthetic-people")
 def test_the_pretraining_script_names_a_damaged_cache_file_without_a_traceback(world, small_cache, tmp_path):
-    from pva.preprocess import person_file
+    from pva.data.preprocess import person_file
 
     dataset, cache = small_cache
     damaged = person_file(cache, sorted(dataset.people)[0])
@@ -129,7 +129,7 @@ def _encode(caption: str):
 def test_a_damaged_text_cache_is_made_again(tmp_path, damage, capsys):
     from safetensors.torch import save_file
 
-    from pva.text_cache import TextCache
+    from pva.data.text_cache import TextCache
 
     path = tmp_path / "text.safetensors"
     TextCache.build(path, ["a photo", "another photo"], _encode)
@@ -161,7 +161,7 @@ def _files(content: str) -> dict:
 
 
 def test_damaged_checkpoint_files_are_named(tmp_path):
-    from pva.checkpoints import read_state
+    from pva.pretraining.checkpoints import read_state
 
     save_checkpoint(tmp_path, 1, _files("one"), {"step": 1})
     save_checkpoint(tmp_path, 2, _files("two"), {"step": 2})
@@ -209,7 +209,7 @@ import os, sys
 sys.path[:0] = [{repo!r}]
 import torch
 from pathlib import Path
-import pva.checkpoints as checkpoints
+import pva.pretraining.checkpoints as checkpoints
 
 def crash_point(name):
     if name == {point!r}:
@@ -270,7 +270,7 @@ def test_a_checkpoint_replacement_killed_at_any_step_leaves_a_complete_checkpoin
 
 def test_the_exchange_is_used_where_the_system_has_it(tmp_path):
     """On Linux the replacement swaps the two folders in one step (renameat2)."""
-    from pva.checkpoints import exchange
+    from pva.pretraining.checkpoints import exchange
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()

@@ -28,11 +28,17 @@ from harness.portraits import SAME_PERSON_PAIRS, SINGLE_PORTRAITS, portrait
 from harness.tiny_models import export_onnx, tiny_arcface
 
 from pva.errors import NoFaceFoundError, PVAError, PVAWeightsError
-from pva.faces import find_faces
-from pva.recognition import FaceLocator, aligned_face, load_recognizer, reference_features, score_photos
-from pva.recognition.alignment import ARCFACE_TEMPLATE, arcface_crop, similarity_transform
-from pva.recognition.base import cosine
-from pva.recognition.check import check_identity
+from pva.faces.detection import find_faces
+from pva.measure.recognition import (
+    FaceLocator,
+    aligned_face,
+    load_recognizer,
+    reference_features,
+    score_photos,
+)
+from pva.measure.recognition.alignment import ARCFACE_TEMPLATE, arcface_crop, similarity_transform
+from pva.measure.recognition.base import cosine
+from pva.measure.recognition.check import check_identity
 
 DLIB_RULE = 0.6
 
@@ -144,7 +150,7 @@ def test_missing_reference_face_is_named(dlib):
     ],
 )
 def test_missing_optional_package_says_how_to_install_it(monkeypatch, module, make, hint):
-    from pva.recognition import load as load_module
+    from pva.measure.recognition import load as load_module
 
     monkeypatch.setattr(load_module, "_dlib", [])  # not the instance loaded by other tests
     monkeypatch.setitem(sys.modules, module, None)  # import of it now fails, as when not installed
@@ -251,8 +257,8 @@ def test_onnx_recognizer_bad_files(tmp_path):
 def test_facenet_recognizer_is_the_packs_one_embedding_path(tmp_path):
     from harness.checkpoints import facenet_random_weights
 
-    from pva.face_embeddings import embed_photos
-    from pva.facenet import load_facenet
+    from pva.faces.embeddings import embed_photos
+    from pva.faces.facenet import load_facenet
 
     facenet = load_facenet(facenet_random_weights())
     recognizer = load_recognizer("facenet", facenet=facenet)

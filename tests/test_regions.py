@@ -9,8 +9,8 @@ import torchvision.transforms.functional as TF
 from harness.portraits import portrait
 
 from pva.errors import PVAError
-from pva.faces import DetectedFace, Faces, PhotoFaces, find_faces
-from pva.regions import REGIONS, face_masks, feather_mask, grow_mask, region_mask, whole_face
+from pva.faces.detection import DetectedFace, Faces, PhotoFaces, find_faces
+from pva.faces.regions import REGIONS, face_masks, feather_mask, grow_mask, region_mask, whole_face
 
 UPRIGHT = ("astronaut", "veil", "lilac", "turtleneck")
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 from harness.models import run_unet, text_conditioning, tiny_model, unet_inputs
 
-import pva.patching
-from pva.model import PVAModel
-from pva.patching import apply_identity
+import pva.method.patching
+from pva.method.model import PVAModel
+from pva.method.patching import apply_identity
 
 
 def _tokens(pva, seed):
@@ -34,9 +34,11 @@ def sd15():
 def fused_calls(monkeypatch):
     """How many times the fused (identity) attention ran."""
     calls = []
-    fused = pva.patching.parallel_attention
+    fused = pva.method.patching.parallel_attention
     monkeypatch.setattr(
-        pva.patching, "parallel_attention", lambda q, *rest: calls.append(q.shape[0]) or fused(q, *rest)
+        pva.method.patching,
+        "parallel_attention",
+        lambda q, *rest: calls.append(q.shape[0]) or fused(q, *rest),
     )
     return calls
 

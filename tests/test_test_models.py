@@ -54,3 +54,27 @@ def test_a_trained_test_model_is_the_same_bytes_whatever_the_machines_thread_cou
     assert _build(tmp_path, "people-base", 1, False, **short) != _build(
         tmp_path, "people-base", 2, False, **short
     )
+
+
+def test_a_build_that_drifts_from_its_recorded_digest_is_named(tmp_path):
+    """A test model whose bytes differ from the digest recorded for the platform is refused when
+    it is built, naming the model (here: the FaceNet, against a record that says otherwise)."""
+    import json
+    import os
+    import sys
+
+    artefacts.register_all()
+    name = artefacts.ARTEFACTS["facenet-random"].file_name()
+    record = {artefacts.platform_id(): {"artefacts": {name: "0" * 64}}}
+    (tmp_path / "digests.json").write_text(json.dumps(record))
+    env = dict(
+        os.environ, PVA_DEV_HOME=str(tmp_path / "home"), PVA_TEST_MODEL_DIGESTS=str(tmp_path / "digests.json")
+    )
+    code = "from harness import artefacts; artefacts.ensure('facenet-random')"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=artefacts.TESTS, capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    assert f"DriftError: test model {name} (InceptionResnetV1" in done.stderr
+    assert "0000000000000000... is recorded for this platform" in done.stderr
+    assert not (tmp_path / "home" / "test-models" / name).exists()  # never taken into the cache

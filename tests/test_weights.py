@@ -7,9 +7,9 @@ import torch
 from harness.models import run_unet, tiny_model, unet_inputs
 
 from pva.errors import PVAError, PVAWeightsError
-from pva.model import PVAModel
-from pva.patching import apply_identity
-from pva.weights import load_pva, read_metadata, save_pva
+from pva.method.model import PVAModel
+from pva.method.patching import apply_identity
+from pva.method.weights import load_pva, read_metadata, save_pva
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,29 @@ def test_keys_use_comfyui_block_names(pva, tmp_path):
         keys = set(f.keys())
     assert f"layers.{pva.layers[0].name}.to_q.weight" in keys
     assert any(k.startswith("identity_encoder.transformer.") for k in keys)
+
+
+def test_the_same_model_is_saved_as_the_same_bytes(pva, tmp_path):
+    """A PVA file's bytes depend only on the model (so a file can be recognized by its hash, and
+    the test models are reproducible). Control: safetensors alone orders the header's metadata by
+    a hash seeded anew for every file, so the same model saved with it differs between saves."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from pva.method.weights import metadata_for_file, state_dict_for_file
+
+    def digest(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    ours = {digest(save_pva(pva, tmp_path / f"ours-{i}.safetensors")) for i in range(5)}
+    raw = set()
+    for i in range(5):
+        save_file(state_dict_for_file(pva), str(tmp_path / f"raw-{i}"), metadata_for_file(pva))
+        raw.add(digest(tmp_path / f"raw-{i}"))
+    assert len(ours) == 1 and len(raw) > 1, (len(ours), len(raw))
+    assert torch.equal(load_pva(tmp_path / "ours-0.safetensors").projections_for(pva.layers[0].name).to_q.weight,
+                       pva.projections_for(pva.layers[0].name).to_q.weight)  # fmt: skip
 
 
 def test_refuses_to_overwrite_and_leaves_no_temp_files(pva, tmp_path):

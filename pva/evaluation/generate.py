@@ -12,15 +12,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import PVAError
-from ..face_embeddings import embed_photos
-from ..faces import Faces, PhotoFaces
+from ..faces.detection import Faces, PhotoFaces
+from ..faces.embeddings import embed_photos
 from ..files import write_json_atomically
-from ..patching import apply_identity
-from ..training import TrainingSettings, personalize
-from ..training_data import prepare_personalization_data
-from ..weights import load_pva, save_pva
+from ..host.inpainting import TextEncoder, inpaint
+from ..method.patching import apply_identity
+from ..method.weights import load_pva, save_pva
+from ..training.data import prepare_personalization_data
+from ..training.personalize import TrainingSettings, personalize
 from .cache import RunFolder, job_seed
-from .host import TextEncoder, inpaint
 from .plan import IdentityPlan, Target, load_target, locator_for, read_image
 from .settings import EvaluationSettings
 
@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from comfy.model_patcher import ModelPatcher
     from comfy.sd import VAE
 
-    from ..facenet import FaceNet
-    from ..model import PVAModel
+    from ..faces.facenet import FaceNet
+    from ..method.model import PVAModel
 
 EDIT_MASK = "wholeface"  # the research code edits with the whole-face mask
 

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from ..datasets import FaceDataset, Person, Photo
+from ..data.datasets import FaceDataset, Person, Photo
 from ..errors import PVAError
-from ..faces import DetectedFace, DetectionSettings
-from ..recognition import FaceLocator
-from ..regions import region_mask
+from ..faces.detection import DetectedFace, DetectionSettings
+from ..faces.regions import region_mask
+from ..measure.recognition import FaceLocator
 from .settings import EvaluationSettings, region_of
 
 

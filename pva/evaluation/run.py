@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..datasets import FaceDataset, open_dataset
-from ..facenet import load_facenet
-from ..launch import load_checkpoint
-from ..recognition.facenet_recognizer import FaceNetRecognizer
-from ..weights import load_pva
+from ..data.datasets import FaceDataset, open_dataset
+from ..faces.facenet import load_facenet
+from ..host.inpainting import clip_text_encoder
+from ..host.launch import comfyui_version, load_checkpoint
+from ..measure.recognition.facenet_recognizer import FaceNetRecognizer
+from ..method.weights import load_pva
 from .cache import RunFolder
 from .generate import EvaluationModels, Generator, personalization_seconds
-from .host import clip_text_encoder
 from .plan import locator_for, plan_identities
 from .report import protocol_lines, write_grid, write_report
 from .scoring import MetricTools, finished_entries, identity_scores, quality_scores, text_scores
@@ -188,9 +188,7 @@ def _versions(device: str) -> dict:
         except metadata.PackageNotFoundError:
             pass
     try:
-        import comfyui_version
-
-        versions["comfyui"] = comfyui_version.__version__
+        versions["comfyui"] = comfyui_version()
     except ImportError:
         pass
     return versions

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ..clip_score import ClipScorer
 from ..errors import PVAError
-from ..image_metrics import FeatureExtractor, fid, image_features, kid
-from ..recognition import FaceLocator, Recognizer, cosine, locate_and_embed
+from ..measure.clip_score import ClipScorer
+from ..measure.image_metrics import FeatureExtractor, fid, image_features, kid
+from ..measure.recognition import FaceLocator, Recognizer, cosine, locate_and_embed
 from .cache import RunFolder
 from .plan import IdentityPlan
 from .settings import EvaluationSettings

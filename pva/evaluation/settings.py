@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from ..datasets import IDI_MASK_REGIONS, IDI_MASK_TYPES, SPLITS
+from ..data.datasets import IDI_MASK_REGIONS, IDI_MASK_TYPES, SPLITS
 from ..errors import PVAError
-from ..recognition import FACE_MODES
+from ..measure.recognition import FACE_MODES
 
 METHODS = ("no-pva", "zero-shot", "personalized")
 METHOD_LABELS = {
@@ -61,7 +61,7 @@ class EvaluationSettings:
     grid_rows: int = 8
 
     def validate(self) -> None:
-        import comfy.samplers
+        from ..host.sampling import sampler_names, scheduler_names
 
         checks = [
             (self.methods and set(self.methods) <= set(METHODS), f"methods: choose from {METHODS}, got {self.methods}."),
@@ -76,8 +76,8 @@ class EvaluationSettings:
             (0 <= self.mask_precision <= 1, f"mask precision: between 0 and 1, got {self.mask_precision}."),
             (self.resolution >= 64 and self.resolution % 64 == 0, f"resolution: a multiple of 64, got {self.resolution}."),
             (self.steps >= 1, f"steps: at least 1, got {self.steps}."),
-            (self.sampler in comfy.samplers.KSampler.SAMPLERS, f"sampler: {self.sampler!r} is not a ComfyUI sampler."),
-            (self.scheduler in comfy.samplers.KSampler.SCHEDULERS, f"scheduler: {self.scheduler!r} is not a ComfyUI scheduler."),
+            (self.sampler in sampler_names(), f"sampler: {self.sampler!r} is not a ComfyUI sampler."),
+            (self.scheduler in scheduler_names(), f"scheduler: {self.scheduler!r} is not a ComfyUI scheduler."),
             (self.strength >= 0, f"strength: must be >= 0, got {self.strength}."),
             (self.personalization_steps >= 1, f"personalization steps: at least 1, got {self.personalization_steps}."),
             (self.limit_people >= 0, f"limit people: 0 (all) or more, got {self.limit_people}."),

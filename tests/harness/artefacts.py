@@ -36,7 +36,10 @@ from functools import cache
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1]
-DIGESTS_FILE = Path(__file__).with_name("artefact_digests.json")
+# the recorded digests (PVA_TEST_MODEL_DIGESTS names another file: the harness's own tests)
+DIGESTS_FILE = Path(
+    os.environ.get("PVA_TEST_MODEL_DIGESTS") or Path(__file__).with_name("artefact_digests.json")
+)
 
 
 def world_seed(seed: int) -> int:
@@ -179,13 +182,12 @@ class DriftError(RuntimeError):
 DRIFT_EXIT = 3  # a builder process's exit status for DriftError
 
 
-def check_digest(item: Artefact, path: Path) -> str:
-    """The artefact's digest; DriftError when it differs from the one recorded for this platform."""
-    found = _stored_digest(path) or digest(path)
-    expected = recorded_digests().get(path.name)
+def check_digest(item: Artefact, found: str) -> str:
+    """`found`; DriftError when it differs from the digest recorded for this platform."""
+    expected = recorded_digests().get(item.file_name())
     if expected is not None and found != expected:
         raise DriftError(
-            f"test model {path.name} ({item.describe}) has sha256 {found[:16]}..., but {expected[:16]}... is "
+            f"test model {item.file_name()} ({item.describe}) has sha256 {found[:16]}..., but {expected[:16]}... is "
             f"recorded for this platform ({platform_id()}): its build is not reproducible, or its recipe "
             "changed without a new version. Find what made the bytes differ; re-record only for an "
             "intended change (python tests/harness/artefacts.py record)."
@@ -249,6 +251,8 @@ def _run_builder(name: str) -> None:
     command, env = builder_command(name)
     started = time.monotonic()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode == DRIFT_EXIT:
+        raise DriftError(done.stderr.strip().splitlines()[-1])
     if done.returncode != 0:
         raise RuntimeError(
             f"building test model {name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
@@ -256,8 +260,6 @@ def _run_builder(name: str) -> None:
     print(
         f"[test models] built {ARTEFACTS[name].file_name()} in {time.monotonic() - started:.0f} s", flush=True
     )
-    if "DriftError" in done.stdout:
-        raise DriftError(done.stdout.strip().splitlines()[-1])
 
 
 def pin_determinism() -> None:
@@ -291,10 +293,7 @@ def build_here(name: str, out: Path | None = None, changes: dict | None = None, 
         if out is not None:
             os.replace(temporary, final)
             return final
-        found = digest(temporary)
-        expected = recorded_digests().get(final.name)
-        if expected is not None and found != expected:
-            check_digest(item, temporary)  # raises, naming the artefact
+        found = check_digest(item, digest(temporary))  # a drift is named here, not in some test later
         _remove(final)
         os.replace(temporary, final)
         _digest_file(final).write_text(found + "\n")

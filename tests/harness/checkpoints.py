@@ -248,7 +248,7 @@ def facenet_random_weights() -> Path:
 def _real_face_crops() -> torch.Tensor:
     """FaceNet-ready crops of every portrait that ships in installed packages, and their mirror
     images, [N, 3, 160, 160]."""
-    from pva.faces import align_faces, find_faces
+    from pva.faces.detection import align_faces, find_faces
 
     from .portraits import TEMPLATE_PHOTOS, portrait
 

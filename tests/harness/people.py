@@ -2,7 +2,7 @@
 
 import torch
 
-from pva.training_data import PersonalizationData
+from pva.training.data import PersonalizationData
 
 
 def synthetic_person(

@@ -40,9 +40,9 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from harness.pretraining import World, tiny_base
-    from pva.pretraining import pretrain
-    from pva.pretraining_config import PretrainingConfig
-    from pva.pretraining_data import SampleSettings
+    from pva.pretraining.config import PretrainingConfig
+    from pva.pretraining.run import pretrain
+    from pva.pretraining.samples import SampleSettings
 
     torch.set_num_threads(1)  # two processes on two cores
     world = World(Path(args.world))

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import comfy.sampler_helpers
-import comfy.samplers
 import torch
 from safetensors.torch import load_file, save_file
 
-from pva.training import encode_inpaint_targets
+from pva.host.conditioning import model_conds
+from pva.training.personalize import encode_inpaint_targets
 
 from .artefacts import artefact, ensure, world_seed
 from .models import text_conditioning, tiny_model, tiny_vae
@@ -71,16 +70,41 @@ def _inpainting_examples(model, vae, positive: list) -> tuple[torch.Tensor, torc
 def inpainting_input(base_model, cond: list, latent: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
     """The UNet's extra input channels (mask + masked-image latent) ComfyUI's sampler makes from an
     InpaintModelConditioning `cond` for the clean `latent` (model space)."""
-    processed = comfy.samplers.process_conds(
-        base_model,
-        torch.zeros_like(latent),
-        {"positive": comfy.sampler_helpers.convert_cond(cond)},
-        torch.device("cpu"),
-        latent_image=latent,
-        denoise_mask=None,
-        seed=0,
-    )["positive"][0]
+    (processed, *_) = model_conds(base_model, cond, latent, latent.shape[0], torch.device("cpu"))
     return processed["model_conds"]["c_concat"].cond
+
+
+def train_denoiser(base_model, latents, concats, context_for, recipe: dict) -> None:  # noqa: ANN001
+    """Teach a UNet to inpaint: AdamW on every weight, the denoising loss on random picks of the
+    clean `latents` with their inpainting inputs `concats` and text `context_for(pick)`, noise
+    levels drawn uniformly over the schedule (recipe: steps, batch, learning_rate, seed)."""
+    batch, sampling = recipe["batch"], base_model.model_sampling
+    parameters = list(base_model.diffusion_model.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=recipe["learning_rate"])
+    generator = torch.Generator().manual_seed(recipe["seed"])
+    with torch.inference_mode(False), torch.enable_grad():
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        for _ in range(recipe["steps"]):
+            pick = torch.randint(len(latents), (batch,), generator=generator)
+            x0 = latents[pick]
+            sigmas = sampling.sigma(torch.rand(batch, generator=generator) * 999)
+            x_t = sampling.noise_scaling(sigmas, torch.randn(x0.shape, generator=generator), x0)
+            denoised = base_model.apply_model(
+                x_t, sigmas, c_concat=concats[pick], c_crossattn=context_for(pick)
+            )
+            loss = ((denoised - x0) / sigmas.view(-1, 1, 1, 1)).pow(2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        for parameter in parameters:
+            parameter.requires_grad_(False)
+
+
+def _pretrain(model, vae, positive: list) -> None:  # noqa: ANN001
+    latents, concats = _inpainting_examples(model, vae, positive)
+    context = positive[0][0]
+    train_denoiser(model.model, latents, concats, lambda pick: context.expand(len(pick), -1, -1), RECIPE)
 
 
 def _pretrain(model, vae, positive: list) -> None:  # noqa: ANN001

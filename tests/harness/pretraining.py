@@ -28,8 +28,8 @@ def tiny_text_encoder(context_dim: int = 768):  # noqa: ANN201
 
 
 def tiny_base(model=None, seed: int = 0):  # noqa: ANN001, ANN201
-    """pva.pretraining.Base around a tiny SD1.5-inpainting UNet (or `model`) and a tiny VAE."""
-    from pva.pretraining import Base
+    """pva.pretraining.run.Base around a tiny SD1.5-inpainting UNet (or `model`) and a tiny VAE."""
+    from pva.pretraining.session import Base
 
     model = model if model is not None else tiny_model("sd15", in_channels=9, seed=seed)
     return Base(
@@ -45,7 +45,7 @@ def calibrated_facenet(path: Path, seed: int = 0, calibration_people: int = 16) 
     across portraits) while it remains an untrained network."""
     from facenet_pytorch import InceptionResnetV1
 
-    from pva.faces import DetectionSettings, align_faces, find_faces
+    from pva.faces.detection import DetectionSettings, align_faces, find_faces
 
     from .checkpoints import calibrate_batch_norm
 
@@ -84,18 +84,18 @@ class World:
         self.facenet = root / "facenet-calibrated.safetensors"
 
     def dataset(self):  # noqa: ANN201
-        from pva.datasets import open_dataset
+        from pva.data.datasets import open_dataset
 
         return open_dataset(self.data)
 
     def faces(self):  # noqa: ANN201
-        from pva.preprocess import load_faces
+        from pva.data.preprocess import load_faces
 
         return load_faces(self.cache, self.dataset().people)
 
     def training_samples(self, resolution: int, seed: int):  # noqa: ANN201
         """The pretraining samples (crop, mask, references) of the training people."""
-        from pva.pretraining_data import PretrainingSamples, SampleSettings
+        from pva.pretraining.samples import PretrainingSamples, SampleSettings
 
         dataset = self.dataset()
         return PretrainingSamples(
@@ -108,7 +108,7 @@ def _build_world(root: Path) -> None:
     """The synthetic people (photos, split), their calibrated FaceNet and face cache (a folder)."""
     import json
 
-    from pva.preprocess import PreprocessSettings, preprocess_dataset
+    from pva.data.preprocess import PreprocessSettings, preprocess_dataset
 
     world = World(root)
     people = WORLD["train"] + WORLD["val"]
@@ -169,8 +169,8 @@ def world_base(world: World | None = None):  # noqa: ANN201
 @torch.no_grad()  # (grad mode is on outside ComfyUI's executor: the latents would keep the VAE's graph)
 def _inpainting_pool(base, world: World) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001
     """Clean latents, inpainting inputs and text contexts of BASE_RECIPE['pool'] training samples."""
-    import nodes
-    from pva.pretraining_data import collate
+    from pva.host.conditioning import inpaint_conditioning
+    from pva.pretraining.samples import SampleBatch
 
     from .pretrained import inpainting_input
 
@@ -178,12 +178,10 @@ def _inpainting_pool(base, world: World) -> tuple[torch.Tensor, torch.Tensor, to
     model = base.model.model
     latents, concats, contexts = [], [], []
     for start in range(0, BASE_RECIPE["pool"], 64):
-        batch = collate([samples[i] for i in range(start, start + 64)])
-        context = torch.cat([base.encode_text(c)[0] for c in batch["caption"]])
+        batch = SampleBatch.of([samples[i] for i in range(start, start + 64)])
+        context = torch.cat([base.encode_text(c)[0] for c in batch.captions])
         positive = [[context, {}]]
-        cond, _, latent = nodes.InpaintModelConditioning().encode(
-            positive, positive, batch["pixels"], base.vae, batch["mask"], noise_mask=True
-        )
+        cond, _, latent = inpaint_conditioning(positive, positive, batch.pixels, base.vae, batch.mask)
         x0 = model.process_latent_in(latent["samples"])
         latents.append(x0)
         concats.append(inpainting_input(model, cond, x0))
@@ -192,27 +190,10 @@ def _inpainting_pool(base, world: World) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def _pretrain_base(base, world: World) -> None:  # noqa: ANN001
+    from .pretrained import train_denoiser
+
     latents, concats, contexts = _inpainting_pool(base, world)
-    model, batch = base.model.model, BASE_RECIPE["batch"]
-    sampling = model.model_sampling
-    parameters = list(model.diffusion_model.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=BASE_RECIPE["learning_rate"])
-    generator = torch.Generator().manual_seed(BASE_RECIPE["seed"])
-    with torch.inference_mode(False), torch.enable_grad():
-        for parameter in parameters:
-            parameter.requires_grad_(True)
-        for _ in range(BASE_RECIPE["steps"]):
-            pick = torch.randint(len(latents), (batch,), generator=generator)
-            x0 = latents[pick]
-            sigmas = sampling.sigma(torch.rand(batch, generator=generator) * 999)
-            x_t = sampling.noise_scaling(sigmas, torch.randn(x0.shape, generator=generator), x0)
-            denoised = model.apply_model(x_t, sigmas, c_concat=concats[pick], c_crossattn=contexts[pick])
-            loss = ((denoised - x0) / sigmas.view(-1, 1, 1, 1)).pow(2).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        for parameter in parameters:
-            parameter.requires_grad_(False)
+    train_denoiser(base.model.model, latents, concats, lambda pick: contexts[pick], BASE_RECIPE)
 
 
 # -- a PVA model pretrained on the world's training people -------------------------------------
@@ -227,8 +208,8 @@ IDENTITY_RECIPE = dict(
 
 def identity_config(output_dir: Path, validation_samples: int = 96):  # noqa: ANN201
     """The pretraining configuration of IDENTITY_RECIPE (the held-out validation uses it too)."""
-    from pva.pretraining_config import PretrainingConfig
-    from pva.pretraining_data import SampleSettings
+    from pva.pretraining.config import PretrainingConfig
+    from pva.pretraining.samples import SampleSettings
 
     recipe = IDENTITY_RECIPE
     return PretrainingConfig(
@@ -259,8 +240,8 @@ def _build_identity_model(path: Path) -> None:
     import tempfile
 
     from pva.launch import make_accelerator
-    from pva.pretraining import pretrain
-    from pva.weights import save_pva
+    from pva.method.weights import save_pva
+    from pva.pretraining.run import pretrain
 
     world = synthetic_world()
     with tempfile.TemporaryDirectory() as run:
@@ -309,9 +290,7 @@ def _train_decoder(autoencoder: torch.nn.Module, world: World) -> None:
     recipe = DECODER_RECIPE
     samples = world.training_samples(recipe["resolution"], recipe["seed"])
     with torch.no_grad():
-        pixels = (
-            torch.stack([samples[i]["pixels"] for i in range(recipe["pool"])]).permute(0, 3, 1, 2) * 2 - 1
-        )
+        pixels = torch.stack([samples[i].pixels for i in range(recipe["pool"])]).permute(0, 3, 1, 2) * 2 - 1
         latents = torch.cat([autoencoder.encode(chunk) for chunk in pixels.split(64)])
     parameters = [*autoencoder.post_quant_conv.parameters(), *autoencoder.decoder.parameters()]
     optimizer = torch.optim.Adam(parameters, lr=recipe["learning_rate"])
@@ -333,9 +312,9 @@ def pretraining_run(world: World, output: Path, base=None, **overrides):  # noqa
     """A callable running pretrain() in this process on the world with the tiny base: one step,
     batch 1, 64 px (`overrides` change the configuration; its keyword arguments go to pretrain)."""
     from pva.launch import make_accelerator
-    from pva.pretraining import pretrain
-    from pva.pretraining_config import PretrainingConfig
-    from pva.pretraining_data import SampleSettings
+    from pva.pretraining.config import PretrainingConfig
+    from pva.pretraining.run import pretrain
+    from pva.pretraining.samples import SampleSettings
 
     settings = dict(
         output_dir=output, max_steps=1, batch_size=1, gradient_accumulation=1, time_bins=1, num_tokens=4,

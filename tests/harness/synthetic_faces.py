@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pva.recognition import aligned_face
+from pva.measure.recognition import aligned_face
 
 
 def synthetic_face(

@@ -25,7 +25,7 @@ PHOTO_SIZE = 128
 def _face_box(name: str) -> tuple[float, float, float, float]:
     import torch
 
-    from pva.faces import find_faces
+    from pva.faces.detection import find_faces
 
     pixels = torch.from_numpy(portrait(name)).float().div(255)[None]
     return find_faces(pixels).photos[0].faces[0].box

@@ -1,0 +1,29 @@
+"""What a loaded MODEL is: its family and prediction type, its attention precision policy."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from comfy.model_patcher import ModelPatcher
+
+
+def family(model_patcher: ModelPatcher) -> str:
+    """ComfyUI's name for the model family (its supported_models class), e.g. SD15, SDXL."""
+    return type(model_patcher.model.model_config).__name__
+
+
+def is_v_prediction(model_patcher: ModelPatcher) -> bool:
+    from comfy.model_base import ModelType
+
+    return model_patcher.model.model_type == ModelType.V_PREDICTION
+
+
+def attention_precision(layer_precision: torch.dtype | None, dtype: torch.dtype) -> torch.dtype:
+    """ComfyUI's policy for an attention layer: its own precision, --dont-upcast-attention, and
+    the forced fp32 upcast of fp16 attention on some platforms."""
+    from comfy.ldm.modules.attention import get_attn_precision
+
+    return get_attn_precision(layer_precision, dtype)

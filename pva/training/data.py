@@ -1,0 +1,65 @@
+"""Quick-personalization data: each reference in turn is the target, the others its references."""
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import PVAError
+from ..faces.crops import crop_face
+from ..faces.detection import DetectionSettings, Faces, ImageBatch, image_list
+from ..faces.embeddings import embed_photos
+from ..faces.facenet import FaceNet
+from ..faces.regions import region_mask
+
+
+@dataclass(frozen=True)
+class PersonalizationData:
+    pixels: torch.Tensor  # [N, R, R, 3] square crops around each face, 0..1 (ComfyUI IMAGE)
+    masks: torch.Tensor  # [N, R, R] whole-face inpainting masks, 0/1
+    embeddings: torch.Tensor  # [N, 512] FaceNet embeddings of the references
+    flipped_embeddings: torch.Tensor  # [N, 512] of the mirrored faces (the one-photo rule)
+
+    @property
+    def count(self) -> int:
+        return self.pixels.shape[0]
+
+    def references_for(self, target: int) -> torch.Tensor:
+        """Embeddings the target is reconstructed from: every other photo, or with a single
+        photo its horizontal flip (the method's rule)."""
+        if self.count == 1:
+            return self.flipped_embeddings
+        keep = [i for i in range(self.count) if i != target]
+        return self.embeddings[keep]
+
+
+def prepare_personalization_data(
+    images: ImageBatch,
+    facenet: FaceNet | torch.nn.Module,
+    resolution: int = 512,
+    threshold: float = 0.9,
+    context: float = 2.0,
+    face_index: int = 0,
+    faces: Faces | None = None,
+) -> PersonalizationData:
+    """Detect, crop and embed the reference photos (the `face_index`-th face of each, in
+    largest-first order); build each one's whole-face mask. `faces`: faces located earlier
+    (e.g. the fixed crop of aligned photos, which MTCNN need not find) instead of detecting."""
+    if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] == 0:
+        raise PVAError("reference_images: the batch is empty; connect at least one photo of the person.")
+    photos = image_list(images)
+    embedded = embed_photos(
+        photos,
+        facenet,
+        faces=faces,
+        detection=DetectionSettings(threshold=threshold),
+        selection=(face_index,),
+        mirrored=True,
+    )
+    crops, masks = [], []
+    for i, face in embedded.faces.pairs():
+        crop, in_crop = crop_face(photos[i], face, resolution, context)
+        crops.append(crop.clamp(0, 1))
+        masks.append(region_mask(in_crop, "whole face", resolution, resolution))
+    return PersonalizationData(
+        torch.stack(crops), torch.stack(masks).float(), embedded.embeddings, embedded.mirrored
+    )
