@@ -235,8 +235,8 @@ def test_bad_datasets_are_named(setup, tmp_path):
         evaluate(blank, models, tmp_path / "b", replace(SETTINGS, faces="detect"))
     idi = celebahq_idi_export(tmp_path / "idi", data)
     bad_mask = idi / "IDI/0001/infer_mask/02_wholeface.png"
-    Image.new("L", (32, 32), 255).save(bad_mask)
-    with pytest.raises(PVAError, match=r"mask .*02_wholeface.png is 32x32 but its photo .*02.jpg is 64x64"):
+    Image.new("L", (48, 32), 255).save(bad_mask)  # another shape (a mask at another size is resized)
+    with pytest.raises(PVAError, match=r"mask .*02_wholeface.png is 48x32 but its photo .*02.jpg is 64x64"):
         evaluate(idi, models, tmp_path / "c", replace(SETTINGS, edits=()))
     annotation = json.loads((idi / "annotation/idi-2.json").read_text())
     annotation["id2image"]["1"]["infer"].append("09.jpg")

@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..errors import PVAError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -43,6 +45,18 @@ class Photo:
     masks: Mapping[str, Path] = field(default_factory=dict)  # dataset masks by type (1 = inpaint)
     is_reference: bool = True  # may serve as a reference photo
     is_target: bool = True  # may be the photo that is inpainted
+
+    def read(self, what: str = "photo") -> torch.Tensor:
+        """[H, W, 3] float 0..1, upright (EXIF orientation applied)."""
+        from .photos import read_photo
+
+        return read_photo(self.path, what)
+
+    def read_mask(self, kind: str, size: tuple[int, int]) -> torch.Tensor:
+        """The dataset's mask of this kind, [H, W] 0/1 at the photo's upright size `size`."""
+        from .photos import read_mask
+
+        return read_mask(self.masks[kind], size, self.path)
 
 
 @dataclass(frozen=True)

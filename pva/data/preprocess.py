@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -32,6 +31,7 @@ from ..faces.detection import DetectedFace, DetectionSettings, Faces, find_faces
 from ..faces.embeddings import embed_photos
 from ..files import make_writable_folder, save_safetensors, write_atomically, write_json_atomically
 from .datasets import FaceDataset, Person
+from .photos import read_photo
 
 CACHE_FORMAT = 1
 MIN_PHOTOS = 2  # a person needs a target and at least one other photo as reference
@@ -52,10 +52,20 @@ class PreprocessSettings:
     def fingerprint(self) -> str:
         """What a cached embedding depends on: the FaceNet weights and the detection settings."""
         digest = hashlib.sha256(f"{CACHE_FORMAT}:{self.threshold}:{self.min_face_size}".encode())
-        with open(self.facenet, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+        _hash_file(digest, self.facenet)
         return digest.hexdigest()[:24]
+
+
+def facenet_digest(path: str | os.PathLike) -> str:
+    """sha256 of a FaceNet weights file: which FaceNet made a cache's embeddings."""
+    return _hash_file(hashlib.sha256(), path).hexdigest()
+
+
+def _hash_file(digest, path: str | os.PathLike):  # noqa: ANN001, ANN202
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest
 
 
 @dataclass
@@ -108,6 +118,7 @@ class PersonFaces:
     embeddings: torch.Tensor  # [P, 512]
     mirrored: torch.Tensor  # [P, 512]
     path: Path
+    facenet: str = ""  # facenet_digest of the FaceNet that made the embeddings ("" in older caches)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -178,16 +189,6 @@ def _cached_summary(path: Path, fingerprint: str) -> tuple[dict | None, bool]:
     return (summary if summary.get("fingerprint") == fingerprint else None), False
 
 
-def _read_photo(path: Path) -> torch.Tensor:
-    """[1, H, W, 3] float 0..1, upright (EXIF orientation applied, as ComfyUI's LoadImage does)."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
-        pixels = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(pixels.copy())[None]
-
-
 def _process_person(
     name: str, photos: list[tuple[str, str]], fingerprint: str, out: Path, settings: dict
 ) -> dict:
@@ -202,7 +203,7 @@ def _process_person(
     found = []  # (key, photo, the faces in it)
     for key, path in photos:
         try:
-            pixels = _read_photo(Path(path))
+            pixels = read_photo(path)[None]
         except Exception:  # PIL raises many kinds for damaged or foreign files
             skipped["unreadable"].append(key)
             continue
@@ -238,7 +239,13 @@ def _process_person(
             "mirrored": torch.zeros(0, 512),
             "crops": torch.zeros(0, 3, 160, 160, dtype=torch.uint8),
         }
-    summary = {"person": name, "fingerprint": fingerprint, "photos": used, "skipped": skipped}
+    summary = {
+        "person": name,
+        "fingerprint": fingerprint,
+        "facenet": settings["facenet_digest"],
+        "photos": used,
+        "skipped": skipped,
+    }
     metadata = {
         "format": "comfyui-pva-faces",
         "format_version": str(CACHE_FORMAT),
@@ -287,6 +294,7 @@ def preprocess_dataset(
     (cache_dir / PEOPLE_DIR).mkdir(exist_ok=True)
     fingerprint = settings.fingerprint()
     worker_settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}
+    worker_settings["facenet_digest"] = facenet_digest(settings.facenet)
     report = PreprocessReport()
     jobs = []
     for person in dataset.people.values():
@@ -350,7 +358,9 @@ def load_faces(cache_dir: str | os.PathLike, people: Iterable[str]) -> dict[str,
             ) from None
         if len(photos) < MIN_PHOTOS:
             continue
-        loaded[name] = PersonFaces(name, keys, faces, sizes, embeddings, mirrored, path)
+        loaded[name] = PersonFaces(
+            name, keys, faces, sizes, embeddings, mirrored, path, summary.get("facenet", "")
+        )
     if missing:
         raise PVAError(
             f"cache {cache_dir}: {len(missing)} people of the dataset were never preprocessed (e.g. {missing[0]!r}); "

@@ -2,7 +2,7 @@
 (several recognizers), image quality (FID / KID) and text control (CLIP score), write a report."""
 
 from .generate import EvaluationModels
-from .run import evaluate, load_models, measure
+from .run import cached_faces, evaluate, load_models, measure
 from .scoring import MetricTools
 from .settings import DEFAULT_MASK_TYPES, METHODS, RESEARCH_EDITS, EvaluationSettings
 
@@ -13,6 +13,7 @@ __all__ = [
     "EvaluationModels",
     "EvaluationSettings",
     "MetricTools",
+    "cached_faces",
     "evaluate",
     "load_models",
     "measure",

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..data.photos import read_photo
 from ..errors import PVAError
 from ..files import write_atomically, write_json_atomically
-from .plan import read_image
 
 SETTINGS_FILE = "run.json"
 
@@ -65,7 +65,7 @@ class RunFolder:
 
     @staticmethod
     def load_picture(path: Path) -> torch.Tensor:
-        return read_image(path, "picture of the run folder")
+        return read_photo(path, "picture of the run folder")
 
     def ground_truth(self, person: str, photo_key: str) -> Path:
         """The target at the working resolution: what results are compared with."""

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..data.preprocess import PersonFaces
 from ..errors import PVAError
 from ..faces.detection import Faces, PhotoFaces
 from ..faces.embeddings import embed_photos
@@ -21,7 +22,7 @@ from ..method.weights import load_pva, save_pva
 from ..training.data import prepare_personalization_data
 from ..training.personalize import TrainingSettings, personalize
 from .cache import RunFolder, job_seed
-from .plan import IdentityPlan, Target, load_target, locator_for, read_image
+from .plan import IdentityPlan, Target, load_target, locator_for
 from .settings import EvaluationSettings
 
 if TYPE_CHECKING:
@@ -67,9 +68,35 @@ class References:
     embeddings: torch.Tensor
 
 
+def references_from_cache(
+    person: PersonFaces | None, plan: IdentityPlan, photos: list[torch.Tensor]
+) -> References | None:
+    """The references' faces and embeddings from the dataset's face cache (what preprocessing
+    found and FaceNet made of them), when it holds every one of them."""
+    if person is None:
+        return None
+    index = {key: i for i, key in enumerate(person.keys)}
+    if any(p.key not in index for p in plan.references):
+        return None
+    chosen = [index[p.key] for p in plan.references]
+    faces = Faces(
+        tuple(
+            PhotoFaces(int(photo.shape[0]), int(photo.shape[1]), (person.faces[i],))
+            for photo, i in zip(photos, chosen, strict=True)
+        )
+    )
+    return References(photos, faces, person.embeddings[chosen])
+
+
 class Generator:
-    def __init__(self, models: EvaluationModels, settings: EvaluationSettings, folder: RunFolder):
-        self.models, self.settings, self.folder = models, settings, folder
+    def __init__(
+        self,
+        models: EvaluationModels,
+        settings: EvaluationSettings,
+        folder: RunFolder,
+        faces: dict[str, PersonFaces] | None = None,
+    ):
+        self.models, self.settings, self.folder, self.faces = models, settings, folder, faces
         self.locator = locator_for(settings)
         self._conditioning: dict[str, list] = {}
         if any(m != "no-pva" for m in settings.methods) and (models.pva is None or models.facenet is None):
@@ -154,7 +181,10 @@ class Generator:
 
     # -- the methods --------------------------------------------------------------------------
     def references(self, plan: IdentityPlan) -> References:
-        photos = [read_image(p.path, "reference photo") for p in plan.references]
+        photos = [p.read("reference photo") for p in plan.references]
+        cached = references_from_cache((self.faces or {}).get(plan.name), plan, photos)
+        if cached is not None:
+            return cached
         located = self.locator.locate(photos, what="reference photos")
         for photo, face in zip(plan.references, located, strict=True):
             if face is None:

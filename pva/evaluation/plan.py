@@ -4,12 +4,9 @@ themselves (targets at the working resolution, masks, references as they are).""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 from ..data.datasets import FaceDataset, Person, Photo
 from ..errors import PVAError
@@ -56,33 +53,6 @@ def _plan(person: Person, references: int) -> IdentityPlan:
 
 
 # -- pictures ------------------------------------------------------------------------------------
-def _read(path: Path, mode: str, what: str) -> np.ndarray:
-    """[H, W(, C)] float 0..1 pixels of an image file in PIL `mode`."""
-    if not path.is_file():
-        raise PVAError(f"{what} {path} does not exist; the dataset or its split file names a missing file.")
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert(mode), dtype=np.float32) / 255
-    except (UnidentifiedImageError, OSError) as error:
-        raise PVAError(f"{what} {path} cannot be read as an image ({error}).") from None
-
-
-def read_image(path: Path, what: str = "image") -> torch.Tensor:
-    """[H, W, 3] float 0..1 RGB."""
-    return torch.from_numpy(_read(path, "RGB", what).copy())
-
-
-def read_mask(path: Path, size: tuple[int, int], image_path: Path) -> torch.Tensor:
-    """[H, W] 0/1 (1 = inpaint, as CelebAHQ-IDI's masks) at the photo's own size."""
-    mask = _read(path, "L", f"mask (for {image_path})")
-    if mask.shape != size:
-        raise PVAError(
-            f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its photo {image_path} is {size[1]}x{size[0]}; "
-            "a mask must have its photo's size."
-        )
-    return torch.from_numpy((mask > 0.5).astype(np.float32))
-
-
 def square(image: torch.Tensor, resolution: int, mode: str = "bicubic") -> torch.Tensor:
     """Centre-crop [H, W, C] to a square, resize to resolution (antialiased)."""
     height, width = image.shape[:2]
@@ -109,13 +79,13 @@ def load_target(
     person: str, photo: Photo, settings: EvaluationSettings, locator: FaceLocator
 ) -> Target | None:
     """The target and its masks, or None when it needs a face for its masks and none is found."""
-    original = read_image(photo.path, "photo")
+    original = photo.read()
     pixels = square(original, settings.resolution)
     masks = {}
     face: DetectedFace | None = None
     for mask_type in settings.mask_types:
         if mask_type in photo.masks:
-            mask = read_mask(photo.masks[mask_type], tuple(original.shape[:2]), photo.path)
+            mask = photo.read_mask(mask_type, tuple(original.shape[:2]))
             masks[mask_type] = (square(mask[..., None], settings.resolution, "nearest")[..., 0] > 0.5).float()
             continue
         if photo.masks:

@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ..data.photos import read_photo
 from ..files import write_atomically, write_json_atomically, write_text_atomically
 from .cache import RunFolder
-from .plan import IdentityPlan, read_image, square
+from .plan import IdentityPlan, square
 from .scoring import Entry
 from .settings import MASK_LABELS, METHOD_LABELS
 
@@ -188,7 +189,7 @@ def write_grid(
         )
         truth = folder.load_picture(folder.ground_truth(entry.person, entry.key))
         mask = folder.load_picture(folder.mask(entry.person, entry.key, mask_type))[..., :1]
-        tiles = [square(read_image(p.path), size) for p in plans[entry.person].references[:3]]
+        tiles = [square(read_photo(p.path), size) for p in plans[entry.person].references[:3]]
         tiles += [None] * (3 - len(tiles))
         tiles.append(truth * (1 - mask) + 0.5 * mask)
         tiles += [

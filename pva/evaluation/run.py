@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..data.datasets import FaceDataset, open_dataset
+from ..data.preprocess import PersonFaces, facenet_digest, load_faces
+from ..errors import PVAError
 from ..faces.facenet import load_facenet
 from ..host.inpainting import clip_text_encoder
 from ..host.launch import comfyui_version, load_checkpoint
@@ -70,9 +72,11 @@ def evaluate(
     settings: EvaluationSettings | None = None,
     tools: MetricTools | None = None,
     accelerator: Accelerator | None = None,
+    faces: dict[str, PersonFaces] | None = None,
 ) -> dict | None:
     """Run (or resume) an evaluation in `out_dir`; returns the report on the main process
-    (None on the others). Each process makes the pictures of every n-th identity."""
+    (None on the others). Each process makes the pictures of every n-th identity. faces: the
+    dataset's face cache (cached_faces), whose references need no detection or FaceNet again."""
     settings = settings or EvaluationSettings()
     settings.validate()
     if not isinstance(dataset, FaceDataset):
@@ -87,7 +91,7 @@ def evaluate(
         accelerator.wait_for_everyone()
     folder.claim(key)  # the others check they resume the same run
 
-    generator = Generator(models, settings, folder)
+    generator = Generator(models, settings, folder, faces)
     mine = plans[rank::world]
     for i, plan in enumerate(mine):
         started = time.perf_counter()
@@ -171,6 +175,30 @@ def measure(
     )
     write_report(folder, report)
     return report
+
+
+def cached_faces(
+    cache_dir: str | os.PathLike,
+    dataset: FaceDataset,
+    facenet: str | os.PathLike,
+    settings: EvaluationSettings,
+) -> dict[str, PersonFaces]:
+    """The dataset's face cache (scripts/preprocess_faces.py) for the evaluation's people, checked
+    to be made by the evaluation's own FaceNet file."""
+    if settings.faces != "detect":
+        raise PVAError(
+            f"--face-cache: the cache holds MTCNN's faces; it cannot stand in for --faces {settings.faces}."
+        )
+    faces = load_faces(cache_dir, [p.name for p in dataset.split(settings.split)])
+    wanted = facenet_digest(facenet)
+    other = [p for p in faces.values() if p.facenet != wanted]
+    if other:
+        made_by = other[0].facenet[:12] or "an older version of the pack (no FaceNet recorded)"
+        raise PVAError(
+            f"--face-cache {cache_dir}: {len(other)} people were embedded by another FaceNet ({made_by}, e.g. "
+            f"{other[0].path}) than --facenet {facenet}; give the cache made with this FaceNet, or none."
+        )
+    return faces
 
 
 def _device() -> str:

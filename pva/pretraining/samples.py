@@ -17,11 +17,10 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..data.datasets import FaceDataset, Photo
-from ..data.preprocess import PersonFaces, _read_photo
+from ..data.preprocess import PersonFaces
 from ..errors import PVAError
 from ..faces.crops import crop_face
 from ..faces.regions import region_mask
@@ -160,15 +159,13 @@ class PretrainingSamples(torch.utils.data.Dataset):
         """The photo to inpaint: crop, mask, caption and the sample's noise seed."""
         settings = self.settings
         photo = self.photos[person.keys[index]]
-        pixels = _read_photo(photo.path)[0]
+        pixels = photo.read()
         context = rng.uniform(*settings.context)
         crop, face = crop_face(pixels, person.faces[index], settings.resolution, context)
         crop = crop.clamp(0, 1)  # (the crop's sharpening may overshoot at hard edges)
         if photo.masks and rng.random() < settings.dataset_mask_probability:
             kind = sorted(photo.masks)[rng.randrange(len(photo.masks))]
-            full = torch.from_numpy(_read_mask(photo.masks[kind], pixels.shape[:2]))[..., None].expand(
-                -1, -1, 3
-            )
+            full = photo.read_mask(kind, tuple(pixels.shape[:2]))[..., None].expand(-1, -1, 3)
             cropped, _ = crop_face(full, person.faces[index], settings.resolution, context)
             mask = (cropped[..., 0] > 0.5).float()
         else:
@@ -203,17 +200,6 @@ class PretrainingSamples(torch.utils.data.Dataset):
             out.crops = torch.zeros(slots, 3, 160, 160)
             out.crops[: len(sources)] = crops
         return out
-
-
-def _read_mask(path, size: tuple[int, int]) -> np.ndarray:  # noqa: ANN001
-    """A dataset mask as [H, W] float 0/1 at the photo's size (1 = inpaint here)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        grey = image.convert("L")
-        if grey.size != (size[1], size[0]):
-            grey = grey.resize((size[1], size[0]), Image.Resampling.NEAREST)
-        return (np.asarray(grey, dtype=np.float32) > 127).astype(np.float32)
 
 
 class StepSampler(torch.utils.data.Sampler):
