@@ -35,15 +35,6 @@ RESULTS = REPO_ROOT / "bench" / "results"
 TARGET = 1.05
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
-# SD1.5 inpainting: comfy.supported_models.SD15 plus what model detection reads from a checkpoint.
-SD15_INPAINT_UNET = dict(
-    image_size=32, in_channels=9, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
-    channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
-    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], context_dim=768,
-    use_linear_in_transformer=False, use_spatial_transformer=True, legacy=False, adm_in_channels=None,
-    use_temporal_attention=False, use_temporal_resblock=False, num_heads=8, num_head_channels=-1,
-)  # fmt: skip
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -86,9 +77,9 @@ def build_unet(torch_device, dtype):
     import comfy.model_base
     import comfy.model_patcher
     import comfy.supported_models
-    from harness.models import fill_random
+    from harness.models import SD15_INPAINT_UNET, fill_random
 
-    config = comfy.supported_models.SD15(dict(SD15_INPAINT_UNET))
+    config = comfy.supported_models.SD15(dict(SD15_INPAINT_UNET, num_head_channels=-1))
     config.set_inference_dtype(dtype, None)
     model = comfy.model_base.BaseModel(config, device=None)
     model.set_inpaint()

@@ -96,7 +96,7 @@ def run_pva(torch, args, device, accelerator) -> list[float]:
     import comfy.sd
     from attention_speed import build_unet
     from comfy.ldm.models.autoencoder import AutoencoderKL
-    from harness.checkpoints import SD_VAE_DDCONFIG, fill_deterministic
+    from harness.models import SD_VAE_DDCONFIG, fill_random
     from harness.pretraining import synthetic_world, tiny_text_encoder
 
     from pva.pretraining.config import PretrainingConfig
@@ -109,7 +109,7 @@ def run_pva(torch, args, device, accelerator) -> list[float]:
     with torch.inference_mode():  # as ComfyUI's loaders make it
         patcher = build_unet(device, torch.float32)
     autoencoder = AutoencoderKL(ddconfig=dict(SD_VAE_DDCONFIG), embed_dim=4)
-    fill_deterministic(autoencoder, 3)
+    fill_random(autoencoder, 3)
     params = {"embed_dim": 4, "ddconfig": dict(SD_VAE_DDCONFIG)}
     vae = comfy.sd.VAE(sd=autoencoder.state_dict(), config={"params": params})
     base = Base(patcher, vae, tiny_text_encoder(), "random SD1.5-inpainting", "bench")

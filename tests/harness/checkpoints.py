@@ -31,28 +31,7 @@ from pathlib import Path
 import torch
 
 from .artefacts import artefact, ensure, world_seed
-
-# comfy.model_detection's SD15 UNet config, with the inpainting model's 9 input channels
-# (4 noisy latent + 1 mask + 4 masked-image latent).
-SD15_INPAINT_UNET = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-    "legacy": False, "adm_in_channels": None, "in_channels": 9, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-    "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}  # fmt: skip
-# Two levels of one res block each: comfy.model_detection still finds SD15 (in_channels 9).
-SD15_INPAINT_UNET_SMALL = dict(
-    SD15_INPAINT_UNET, num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 1],
-    transformer_depth_output=[1, 1, 1, 1],
-)  # fmt: skip
-
-# comfy.sd.VAE's default SD1.x/SD2.x VAE.
-SD_VAE_DDCONFIG = {
-    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
-}  # fmt: skip
+from .models import SD15_INPAINT_UNET, SD15_INPAINT_UNET_SMALL, SD_VAE_DDCONFIG, fill_random
 
 # Keys a ComfyUI SDClipModel has but a real SD1.5 checkpoint does not carry.
 _CLIP_KEYS_NOT_IN_SD15 = ("transformer.text_projection.weight", "logit_scale")
@@ -94,25 +73,10 @@ _COMPONENTS: list[tuple[str, Callable[[str], torch.nn.Module], tuple[str, ...], 
 ]
 
 
-def fill_deterministic(module: torch.nn.Module, seed: int) -> None:
-    """Sensible random weights (ComfyUI's disable_weight_init ops leave them uninitialized):
-    norm scales ~1, biases ~0, other weights ~N(0, 1/fan_in), all from one seeded generator."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-            if name.endswith("bias"):
-                param.copy_(noise * 0.02)
-            elif param.dim() <= 1:  # norm scales (and scalars such as a logit scale)
-                param.copy_(1.0 + noise * 0.02)
-            else:
-                param.copy_(noise / param[0].numel() ** 0.5)
-
-
 def _component_state(prefix, build, drop, extra, device: str, seed: int | None) -> dict[str, torch.Tensor]:
     module = build(device)
     if seed is not None:
-        fill_deterministic(module, seed)
+        fill_random(module, seed)
     state = {k: v for k, v in module.state_dict().items() if k not in drop}
     if extra is not None:
         state.update(extra(module))

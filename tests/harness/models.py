@@ -5,6 +5,28 @@ linear-vs-conv projections, attention precision and ADM inputs are the families'
 
 import torch
 
+# comfy.model_detection's SD15 UNet config, with the inpainting model's 9 input channels
+# (4 noisy latent + 1 mask + 4 masked-image latent).
+SD15_INPAINT_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "adm_in_channels": None, "in_channels": 9, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+    "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}  # fmt: skip
+# Two levels of one res block each: comfy.model_detection still finds SD15 (in_channels 9).
+SD15_INPAINT_UNET_SMALL = dict(
+    SD15_INPAINT_UNET, num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 1],
+    transformer_depth_output=[1, 1, 1, 1],
+)  # fmt: skip
+
+# comfy.sd.VAE's default SD1.x/SD2.x VAE.
+SD_VAE_DDCONFIG = {
+    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+}  # fmt: skip
+
 
 def _unet_config(family: str, in_channels: int) -> dict:
     common = dict(
@@ -26,17 +48,18 @@ def _unet_config(family: str, in_channels: int) -> dict:
 
 
 def fill_random(module: torch.nn.Module, seed: int) -> None:
-    """ComfyUI's disable_weight_init ops leave weights uninitialized: give them values."""
+    """Sensible random weights (ComfyUI's disable_weight_init ops leave them uninitialized):
+    norm scales ~1, biases ~0, other weights ~N(0, 1/fan_in), all from one seeded generator."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in module.named_parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
             if name.endswith("bias"):
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-            elif param.dim() == 1:  # norm scales
-                param.copy_(1.0 + torch.randn(param.shape, generator=generator) * 0.02)
+                param.copy_(noise * 0.02)
+            elif param.dim() <= 1:  # norm scales (and scalars such as a logit scale)
+                param.copy_(1.0 + noise * 0.02)
             else:
-                fan_in = param[0].numel()
-                param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
+                param.copy_(noise / param[0].numel() ** 0.5)
 
 
 def tiny_model(family: str = "sd15", in_channels: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32):
