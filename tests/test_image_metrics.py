@@ -129,7 +129,7 @@ def test_bad_sets_are_explained():
 
 
 # -- the Inception network from a local file ---------------------------------------------------
-def random_inception_weights(path) -> None:
+def random_inception_weights(path, seed: int = 0) -> None:
     """A state dict of torch-fidelity's Inception-v3 (the FID network) with random weights: the
     module is built without its download (weights are filled here instead)."""
     from unittest import mock
@@ -141,7 +141,7 @@ def random_inception_weights(path) -> None:
         mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict"),
     ):
         module = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     state = {}
     for name, tensor in module.state_dict().items():
         if name.endswith("running_var") or (name.endswith(".weight") and tensor.dim() == 1):
@@ -160,12 +160,27 @@ def inception_file(tmp_path_factory):
     return path
 
 
-def test_inception_from_a_local_file_gives_2048_features(inception_file):
+def test_inception_from_a_local_file_gives_2048_features(inception_file, tmp_path):
+    """The network holds exactly the file's weights (every tensor), its 2048 features are each
+    image's own (the same image gives the same features whatever its batch), and they depend on
+    the weights and on the image (another file, other images: other features)."""
     network = load_inception(inception_file)
-    first = image_features(images(3, seed=1, size=96), network)
-    assert first.shape == (3, 2048) and first.std() > 0
-    again = image_features(images(3, seed=1, size=96), load_inception(inception_file))
-    assert torch.equal(first, again)
+    stored = torch.load(inception_file, weights_only=True)
+    loaded = network.state_dict()
+    matched = [k for k in stored if any(name.endswith(k) for name in loaded)]
+    assert len(matched) == len(stored) > 100
+    for key in stored:
+        (name,) = [n for n in loaded if n == key or n.endswith("." + key)]
+        assert torch.equal(loaded[name].cpu(), stored[key]), key
+    pictures = images(3, seed=1, size=96)
+    first = image_features(pictures, network)
+    assert first.shape == (3, 2048) and first.dtype == torch.float64
+    alone = image_features(pictures[2:], network)
+    assert torch.allclose(first[2:], alone, rtol=1e-5, atol=1e-7)  # not mixed with its batch
+    assert not torch.allclose(first[0], first[1])  # different images, different features
+    random_inception_weights(tmp_path / "other.pth", seed=1)
+    other = image_features(pictures, load_inception(tmp_path / "other.pth"))
+    assert (other - first).abs().max() > 1e-3 * first.abs().max()  # the file's weights are used
     assert fid(first, first) < 1e-6
 
 

@@ -462,24 +462,6 @@ def require_faces(
             )
 
 
-def detect_faces(
-    images: ImageBatch,
-    threshold: float = 0.9,
-    face_index: int | None = None,
-    device: torch.device | str | None = None,
-    what: str = "reference photo",
-) -> list[DetectedFace]:
-    """One face per photo: the largest, or the `face_index`-th largest (0-based); a photo
-    without that face is an error that names it."""
-    if face_index is not None and face_index < 0:
-        raise PVAError(f"face index: got {face_index}, expected 0 (largest face) or more.")
-    settings = DetectionSettings(threshold=threshold, device=None if device is None else torch.device(device))
-    found = find_faces(images, settings, what="reference images")
-    index = face_index or 0
-    require_faces(found, (index,), what, threshold)
-    return [photo.faces[index] for photo in found.photos]
-
-
 def align_faces(
     images: ImageBatch, faces: Sequence[DetectedFace], size: int = 160, margin: float = 0.2
 ) -> torch.Tensor:
