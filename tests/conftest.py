@@ -1,7 +1,7 @@
 """Fixtures for tests against the real ComfyUI host (imported as a library, or as a server).
 
 Also: the suite's slow parts are marked from the fixtures they use (so new tests are marked
-without anyone remembering to), `--fast` runs only the quick library tests, `--screenshots DIR`
+without anyone remembering to), `--fast` runs only tests/fast (the quick library tests), `--screenshots DIR`
 is the one way a test run writes the README's screenshots, the cached test models a run needs
 are built in the background from its start (the tests that need trained ones run last), and a
 run that leaves the repository different from how it found it fails.
@@ -80,7 +80,9 @@ FIXTURE_MARKERS = {
     "host_env": "install",
 }
 NOT_FAST = ("slow", "server", "browser", "install", "training", "pipeline")
-FAST_EXPRESSION = "not (" + " or ".join(NOT_FAST) + ")"
+# The tiers are folders: tests/fast (the quick library tests, by wing), tests/slow (training,
+# pipelines, trained test models), tests/server (a real server and browser), tests/install.
+FAST = Path(__file__).parent / "fast"
 
 
 def pytest_addoption(parser):
@@ -88,7 +90,7 @@ def pytest_addoption(parser):
     group.addoption(
         "--fast",
         action="store_true",
-        help=f"only the quick library tests: the same as -m '{FAST_EXPRESSION}'",
+        help="only the quick library tests: the same as giving the path tests/fast",
     )
     group.addoption(
         "--screenshots",
@@ -110,14 +112,32 @@ def pytest_collection_modifyitems(config, items):
         # a test model that takes minutes to build keeps a test out of the quick loop
         if any(artefacts.ARTEFACTS[n].slow for n in _models_needed(item)) and "training" not in item.keywords:
             item.add_marker("training")
-    if config.getoption("--fast"):
-        kept, dropped = [], []
-        for item in items:
-            (dropped if any(item.get_closest_marker(m) for m in NOT_FAST) else kept).append(item)
-        if dropped:
-            config.hook.pytest_deselected(items=dropped)
-            items[:] = kept
+    misplaced = [
+        f"{item.nodeid} ({', '.join(m for m in NOT_FAST if item.get_closest_marker(m))})"
+        for item in items
+        if item.path.is_relative_to(FAST) and any(item.get_closest_marker(m) for m in NOT_FAST)
+    ]
+    if misplaced:
+        raise pytest.UsageError(
+            "tests/fast holds only quick library tests; move these to tests/slow or tests/server: "
+            + "; ".join(misplaced)
+        )
     items[:] = _trained_models_last(items)
+
+
+def pytest_ignore_collect(collection_path, config):
+    """--fast: nothing outside tests/fast is collected (or imported)."""
+    if not config.getoption("--fast"):
+        return None
+    tests = FAST.parent
+    if (
+        collection_path.is_relative_to(tests)
+        and collection_path != tests
+        and collection_path.name != "conftest.py"
+    ):
+        inside = collection_path.is_relative_to(FAST) or FAST.is_relative_to(collection_path)
+        return None if inside else True
+    return None
 
 
 # -- the cached test models (harness/artefacts.py) -----------------------------------------------

@@ -47,7 +47,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-PACK_DIR = Path(__file__).resolve().parents[1]
+PACK_DIR = Path(__file__).resolve().parents[2]
 HOST_PACKAGES = ("torch", "torchvision", "numpy", "pillow")
 # The Manager's own lists (prestartup_script.py / cm-cli.py).
 PIP_BLACKLIST = {"torch", "torchaudio", "torchsde", "torchvision"}

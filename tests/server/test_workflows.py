@@ -30,10 +30,8 @@ ComfyUI server.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,28 +40,12 @@ import numpy as np
 import pytest
 import torch
 from harness.artefacts import world_seed
-from harness.host import REPO_ROOT
 from harness.portraits import large_photo, small_portrait, two_people_photo
 from harness.references import face_mask, grown, reference_photos, save_png, target_photo
 from harness.server import PACK_DIR_NAME, ComfyError, ComfyServer, wait_for_message
+from harness.workflow_files import NAMES, api_file, build, ui_file
 from PIL import Image
 
-
-def _load_builder():
-    spec = importlib.util.spec_from_file_location(
-        "build_workflows", REPO_ROOT / "scripts" / "build_workflows.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-build = _load_builder()
-
-WORKFLOWS_DIR = REPO_ROOT / "workflows"
-API_DIR = WORKFLOWS_DIR / "api"
-NAMES = sorted(wf.name for wf in build.workflows())
 SIZE = 256
 # Outside the mask grown by this many pixels, the result must equal the input photo exactly. At
 # 256x256 the mask is binary and exactly image-sized, so ImageCompositeMasked takes the photo's
@@ -74,14 +56,6 @@ MARGIN = 3
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_NAMES = ("seed", "noise_seed")
 WALL_TIMES: dict[str, float] = {}
-
-
-def ui_file(name: str) -> dict:
-    return json.loads((WORKFLOWS_DIR / f"{name}.json").read_text())
-
-
-def api_file(name: str) -> dict:
-    return json.loads((API_DIR / f"{name}.json").read_text())
 
 
 def _needed_for(prompt: dict, node_id: str) -> dict:
@@ -106,26 +80,6 @@ def object_info(comfy_server) -> dict:
 
 
 # -- the generated files ----------------------------------------------------------------------
-def test_committed_files_are_exactly_what_the_build_script_generates():
-    files = build.render_all(build.load_snapshot())
-    assert sorted(files) == sorted(
-        [f"workflows/{n}.json" for n in NAMES] + [f"workflows/api/{n}.json" for n in NAMES]
-    )
-    for rel, text in files.items():
-        path = REPO_ROOT / rel
-        assert path.is_file(), f"{rel} is missing: run scripts/build_workflows.py"
-        assert path.read_text() == text, f"{rel} differs from its description: run scripts/build_workflows.py"
-    assert build.stale_files(files) == [], "workflows/ holds JSON files the build script does not make"
-    assert len(NAMES) >= 8 and set(NAMES) >= {
-        "pva_face_inpainting",
-        "pva_face_inpainting_with_prompt",
-        "pva_quick_personalize_and_inpaint",
-        "pva_inpaint_with_saved_person",
-        "pva_face_detailer_large_photo",
-        "pva_two_people",
-        "pva_face_swap",
-        "pva_lower_face_edit",
-    }
 
 
 def test_snapshot_equals_the_live_node_definitions(comfy_server, object_info):
@@ -257,21 +211,6 @@ def specs_in_ui_order(specs: list) -> list:
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_workflow_converts_to_exactly_its_api_twin(name, object_info):
     assert ui_to_api(ui_file(name), object_info) == api_file(name)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_note_says_which_model_files_to_load_and_where(name):
-    ui = ui_file(name)
-    notes = [node for node in ui["nodes"] if node["type"] == "Note"]
-    assert len(notes) == 1
-    text = notes[0]["widgets_values"][0]
-    assert "models/checkpoints" in text and "models/facenet" in text
-    for node in api_file(name).values():
-        for key in ("ckpt_name", "facenet_name", "pva_name", "image"):
-            if isinstance(node["inputs"].get(key), str):  # a file name, not a link
-                assert node["inputs"][key] in text, f"{name}: the note does not mention {node['inputs'][key]}"
-    if any(node["class_type"] == "PVAModelLoader" for node in api_file(name).values()):
-        assert "models/pva" in text
 
 
 def test_template_browser_lists_exactly_the_shipped_workflows(comfy_server):
