@@ -9,16 +9,15 @@ from ..pva.errors import PVAError
 from ..pva.faces.facenet import load_facenet
 from ..pva.method.model import PVAModel
 from ..pva.method.weights import load_pva
+from .folders import missing_model_message
 from .types import CATEGORY, FaceNetType, PVAModelType
 
 
 def _full_path(folder: str, name: str, what: str) -> str:
-    path = folder_paths.get_full_path(folder, name)
-    if path is None:
-        raise PVAError(
-            f"{what}: {name!r} is not in ComfyUI/models/{folder}/ (or its extra_model_paths.yaml folders)."
-        )
-    return path
+    message = missing_model_message(folder, name, what)
+    if message:
+        raise PVAError(message)
+    return folder_paths.get_full_path(folder, name)
 
 
 def _file_fingerprint(folder: str, name: str) -> tuple:
@@ -52,6 +51,11 @@ class PVAFaceNetLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, facenet_name: str) -> bool | str:
+        # Naming the input here replaces ComfyUI's queue-time "Value not in list" with ours.
+        return missing_model_message("facenet", facenet_name, "facenet_name") or True
+
+    @classmethod
     def fingerprint_inputs(cls, facenet_name: str) -> tuple:
         return _file_fingerprint("facenet", facenet_name)
 
@@ -78,6 +82,10 @@ class PVAModelLoader(io.ComfyNode):
             ],
             outputs=[PVAModelType.Output(display_name="PVA_MODEL")],
         )
+
+    @classmethod
+    def validate_inputs(cls, pva_name: str) -> bool | str:
+        return missing_model_message("pva", pva_name, "pva_name") or True
 
     @classmethod
     def fingerprint_inputs(cls, pva_name: str) -> tuple:

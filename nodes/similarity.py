@@ -8,6 +8,7 @@ from ..pva.errors import PVAError
 from ..pva.faces.detection import DetectionSettings
 from ..pva.measure.recognition import FACE_MODES, FaceLocator, load_recognizer
 from ..pva.measure.recognition.check import NO_FACE_SCORE, check_identity
+from .folders import missing_model_message
 from .types import CATEGORY, FaceNetType, IdentityType
 
 BUILT_IN = ("dlib", "facenet")
@@ -95,6 +96,13 @@ class PVAIdentitySimilarity(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, recognizer: str) -> bool | str:
+        # Naming the input here replaces ComfyUI's queue-time "Value not in list" with ours.
+        if recognizer in BUILT_IN:
+            return True
+        return missing_model_message("face_recognition", recognizer, "recognizer") or True
+
+    @classmethod
     def execute(
         cls, images, recognizer, reference_images=None, identity=None, facenet=None, faces="detect",
         detection_threshold=0.9, face_index=0,
@@ -109,10 +117,10 @@ class PVAIdentitySimilarity(io.ComfyNode):
         if recognizer in BUILT_IN:
             name = recognizer
         else:
-            path = folder_paths.get_full_path("face_recognition", recognizer)
-            if path is None:
-                raise PVAError(f"recognizer: {recognizer!r} is not in ComfyUI/models/face_recognition/.")
-            name = f"onnx:{path}"
+            message = missing_model_message("face_recognition", recognizer, "recognizer")
+            if message:
+                raise PVAError(message)
+            name = f"onnx:{folder_paths.get_full_path('face_recognition', recognizer)}"
         device = comfy.model_management.get_torch_device().type
         locator = FaceLocator(faces, DetectionSettings(threshold=detection_threshold), face_index)
         check = check_identity(

@@ -27,17 +27,20 @@ def patcher_for(module: torch.nn.Module) -> ModelPatcher:
 def is_loaded(patcher: ModelPatcher) -> bool:
     import comfy.model_management
 
-    return any(loaded.model is patcher for loaded in comfy.model_management.current_loaded_models)
+    return any(model is patcher for model in comfy.model_management.loaded_models())
 
 
 def unload(patcher: ModelPatcher) -> None:
-    """Take `patcher` out of ComfyUI's loaded models, restoring the original modules (what
-    free_memory does for the models it evicts)."""
+    """Take `patcher` out of ComfyUI's loaded models, restoring the original modules, through the
+    call core's own unload_model_and_clones uses (free_memory keeping every other model): the
+    list of loaded models is only read here, so each patcher class (0.33's dynamic one too)
+    unloads its own way."""
     import comfy.model_management
 
-    for loaded in list(comfy.model_management.current_loaded_models):
-        if loaded.model is patcher:
-            loaded.model_unload()
-            comfy.model_management.current_loaded_models.remove(loaded)
-            return
-    patcher.unpatch_model()  # patched but never registered (loading failed half-way)
+    others = [
+        loaded for loaded in comfy.model_management.current_loaded_models if loaded.model is not patcher
+    ]
+    if len(others) == len(comfy.model_management.current_loaded_models):
+        patcher.unpatch_model()  # patched but never registered (loading failed half-way)
+        return
+    comfy.model_management.free_memory(1e30, patcher.load_device, keep_loaded=others)

@@ -9,7 +9,7 @@ import json
 import pytest
 from harness.checkpoints import facenet_random_weights
 from harness.models import tiny_model
-from harness.server import make_base_directory
+from harness.server import ComfyError, make_base_directory
 
 from pva.method.model import PVAModel
 from pva.method.weights import save_pva
@@ -56,3 +56,40 @@ def test_loaders_find_models_in_extra_model_paths_folders(tmp_path, start_server
     )  # fmt: skip
     assert "PVAModel" in json.dumps(outputs["show_pva"]), outputs
     assert "FaceNet" in json.dumps(outputs["show_facenet"]), outputs
+
+
+def test_a_missing_model_file_is_named_by_the_pack_when_the_prompt_is_queued(comfy_server):
+    """ComfyUI checks combo values when a prompt is queued and would answer with its generic
+    "Value not in list"; the loaders answer first with what is missing, where, and what to do."""
+    prompt = {
+        "pva": {"class_type": "PVAModelLoader", "inputs": {"pva_name": "renamed_person.safetensors"}},
+        "facenet": {"class_type": "PVAFaceNetLoader", "inputs": {"facenet_name": "moved_facenet.pt"}},
+        "show_pva": {"class_type": "PreviewAny", "inputs": {"source": ["pva", 0]}},
+        "show_facenet": {"class_type": "PreviewAny", "inputs": {"source": ["facenet", 0]}},
+    }
+    with pytest.raises(ComfyError) as failure:
+        comfy_server.queue(prompt)
+    message = str(failure.value)
+    assert "Value not in list" not in message, message
+    errors = {node_id: e["errors"] for node_id, e in failure.value.details["node_errors"].items()}
+    assert set(errors) == {"pva", "facenet"}, message
+    (pva_error,) = errors["pva"]
+    assert "'renamed_person.safetensors' is not in ComfyUI/models/pva/" in pva_error["details"], message
+    assert "Save PVA Model" in pva_error["details"] and "refresh" in pva_error["details"], message
+    (facenet_error,) = errors["facenet"]
+    assert "'moved_facenet.pt' is not in ComfyUI/models/facenet/" in facenet_error["details"], message
+    assert "vggface2" in facenet_error["details"], message
+
+    # Identity Similarity's recognizer (built-in names or .onnx files) gets the same message. Files that
+    # are there pass the check: test_loaders_find_models_in_extra_model_paths_folders runs them.
+    similarity = {
+        "image": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+        "check": {
+            "class_type": "PVAIdentitySimilarity",
+            "inputs": {"images": ["image", 0], "reference_images": ["image", 0], "recognizer": "facenet_missing.onnx"},
+        },
+    }  # fmt: skip
+    with pytest.raises(
+        ComfyError, match=r"'facenet_missing.onnx' is not in ComfyUI/models/face_recognition/"
+    ):
+        comfy_server.queue(similarity)
