@@ -651,11 +651,18 @@ def node_spec(info: dict) -> dict:
         )
     ]  # fmt: skip
     return {
-        "display_name": info.get("display_name", info.get("name")),
+        # Newer hosts serve "" for nodes without a display name (ImageCompositeMasked on 0.8+).
+        "display_name": info.get("display_name") or info.get("name"),
         "output_node": bool(info.get("output_node")),
         "inputs": inputs,
         "outputs": outputs,
     }
+
+
+def contract(spec: dict) -> dict:
+    """What a saved workflow depends on in a node's spec: sockets, widgets and their saved values.
+    The display name is the host's wording (the shipped files carry their own titles)."""
+    return {key: value for key, value in spec.items() if key != "display_name"}
 
 
 def used_node_types(wfs: list[Workflow] | None = None) -> list[str]:

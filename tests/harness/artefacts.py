@@ -126,12 +126,25 @@ def platform() -> dict[str, str]:
         "facenet-pytorch": installed("facenet-pytorch"),
         "accelerate": installed("accelerate"),
         "scikit-image": installed("scikit-image"),
-        "templates": ",".join(
-            installed(p)
-            for p in ("comfyui-workflow-templates-media-image", "comfyui-workflow-templates-media-other")
-        ),
+        "templates": _portrait_versions(),
         "comfyui": _comfyui_version(),
     }
+
+
+def _portrait_versions() -> str:
+    """Versions of the pinned portrait packages (harness/portraits.py), read from their folder."""
+    from importlib.metadata import distributions
+
+    from .host import portrait_packages
+
+    found = {
+        d.metadata["Name"].lower().replace("_", "-"): d.version
+        for d in distributions(path=[str(portrait_packages())])
+    }
+    return ",".join(
+        found.get(p, "-")
+        for p in ("comfyui-workflow-templates-media-image", "comfyui-workflow-templates-media-other")
+    )
 
 
 def _comfyui_version() -> str:

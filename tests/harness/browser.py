@@ -9,6 +9,7 @@ workflows through the frontend's own `app.loadGraphData`, the path a user's drag
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import urllib.request
@@ -34,6 +35,7 @@ MISSING_NODES_TEXTS = (
     "This workflow has missing nodes",
     "When loading the graph, the following node types were not found",
 )
+MISSING_NODE_PACKS = "Missing Node Packs"  # a section of the errors/issues panel (frontends 1.49, 1.58)
 
 # Server-side settings for a quiet first visit and readable screenshots: no templates browser
 # (shown to new users), no minimap over the graph, full detail when zoomed out. Stored in the test server's own user folder.
@@ -98,6 +100,8 @@ _INSPECT_GRAPH_JS = """
   const unregisteredInFile = [...new Set(fileNodes.map((n) => n.type).filter((t) => !(t in registered)))];
 
   const links = graph.links instanceof Map ? [...graph.links.values()] : Object.values(graph.links ?? {});
+  // Frontends from 1.4x keep node ids as strings ("5"); the files and older frontends use numbers.
+  const id = (v) => (typeof v === "string" && String(Number(v)) === v ? Number(v) : v);
   const broken = [];
   for (const link of links) {
     if (!link) continue;
@@ -110,8 +114,8 @@ _INSPECT_GRAPH_JS = """
     const input = target?.inputs?.[link.target_slot];
     if (origin && !output) why.push(`origin node ${link.origin_id} has no output ${link.origin_slot}`);
     if (target && !input) why.push(`target node ${link.target_id} has no input ${link.target_slot}`);
-    if (output && !(output.links ?? []).includes(link.id)) why.push("the output does not list the link");
-    if (input && input.link !== link.id) why.push(`the input holds link ${input.link}`);
+    if (output && !(output.links ?? []).map(id).includes(id(link.id))) why.push("the output does not list the link");
+    if (input && id(input.link) !== id(link.id)) why.push(`the input holds link ${input.link}`);
     if (output && input && !LiteGraph.isValidConnection(output.type, input.type))
       why.push(`type ${output.type} -> ${input.type}`);
     if (why.length) broken.push({ id: link.id, why: why.join("; ") });
@@ -119,7 +123,7 @@ _INSPECT_GRAPH_JS = """
   // Inputs that name a link the graph does not have.
   for (const node of graph.nodes ?? graph._nodes ?? []) {
     for (const [slot, input] of (node.inputs ?? []).entries()) {
-      if (input.link != null && !links.some((l) => l && l.id === input.link))
+      if (input.link != null && !links.some((l) => l && id(l.id) === id(input.link)))
         broken.push({ id: input.link, why: `node ${node.id} (${node.type}) input ${slot} names a missing link` });
     }
   }
@@ -129,7 +133,9 @@ _INSPECT_GRAPH_JS = """
     fileNodeCount: (workflow.nodes ?? []).length,
     linkCount: links.filter(Boolean).length,
     fileLinkCount: fileLinks.length,
-    links: links.filter(Boolean).map((l) => [l.id, l.origin_id, l.origin_slot, l.target_id, l.target_slot, l.type]),
+    links: links
+      .filter(Boolean)
+      .map((l) => [id(l.id), id(l.origin_id), l.origin_slot, id(l.target_id), l.target_slot, l.type]),
     types: [...new Set(nodes.map((n) => n.type))].sort(),
     unregistered,
     unregisteredInFile,
@@ -212,6 +218,10 @@ class ComfyPage:
         self.close_dialogs()
         return self
 
+    def frontend_version(self) -> str | None:
+        """The version the running frontend reports about itself."""
+        return self.page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ ?? null")
+
     def settle(self, ms: int = 300) -> None:
         """Let the frontend finish what it queued (dialogs, redraws, image previews)."""
         self.page.evaluate("() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)))")
@@ -241,13 +251,23 @@ class ComfyPage:
                     .map((d) => d.innerText.trim())"""
         )
 
-    def missing_nodes_dialog(self) -> str | None:
-        """The missing-nodes dialog's text if one is open (or anywhere in the page)."""
+    def missing_nodes_dialog(self, open_issues: bool = False) -> str | None:
+        """The missing-nodes dialog's text if one is open (or anywhere in the page). Frontends
+        from 1.5x show a "N issues found" toast instead; with `open_issues` its details are
+        opened and their "Missing Node Packs" section is returned (1.49: "N errors found")."""
         body = self.page.inner_text("body")
         for text in MISSING_NODES_TEXTS:
             if text in body:
                 return "\n".join(t for t in self.dialog_texts() if text in t) or text
-        return None
+        if not open_issues or not re.search(r"\d+ (issues?|errors?) found", body):
+            return None
+        self.page.get_by_text("View details").first.click()
+        self.settle(1000)
+        details = self.page.inner_text("body")
+        if MISSING_NODE_PACKS not in details:
+            return None
+        section = details[details.index(MISSING_NODE_PACKS) :]
+        return section.split("Missing Models")[0].strip()
 
     def close_dialogs(self) -> None:
         for _ in range(3):

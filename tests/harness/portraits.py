@@ -1,14 +1,14 @@
 """Real face photos that ship inside installed packages (no download needed).
 
 - scikit-image's `astronaut()` (a dev tool of this repository).
-- Portraits from ComfyUI's own workflow-template packages (comfyui-workflow-templates, pinned by
-  ComfyUI's requirements.txt, so every ComfyUI install has them). Two pairs show the same person
-  twice: an inpainting example (before/after) and an editing example (before/after).
+- Portraits from ComfyUI's own workflow-template media packages, in the versions ComfyUI 0.3.75
+  pins, installed by scripts/dev-setup apart from the host's (newer hosts pin versions without
+  some of these photos). Two pairs show the same person twice: an inpainting example
+  (before/after) and an editing example (before/after).
 """
 
 from __future__ import annotations
 
-import importlib.util
 from functools import cache
 from pathlib import Path
 
@@ -45,15 +45,12 @@ SAME_PERSON_PAIRS = (("wheat_before", "wheat_after"), ("flowers_before", "flower
 
 
 def template_photo_path(name: str) -> Path:
+    from .host import portrait_packages
+
     package, inner = TEMPLATE_PHOTOS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            f"{package} is not installed: it comes with ComfyUI's requirements.txt (run scripts/dev-setup)."
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / inner
+    path = portrait_packages() / package / inner
     if not path.is_file():
-        raise RuntimeError(f"{path} is missing from {package}; its version differs from the one tested.")
+        raise RuntimeError(f"{path} is missing: run scripts/dev-setup to install the pinned portraits again.")
     return path
 
 

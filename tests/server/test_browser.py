@@ -9,6 +9,7 @@ no console error mentions PVA. Then the view is fit to the graph and a 1280x800 
 taken and checked; it goes to a temporary folder, or with `--screenshots DIR` (what
 `scripts/screenshots` passes: docs/screenshots, the README's pictures) to DIR/<workflow>.png.
 Two negative controls prove that the checks catch an unknown node type and a dangling link.
+All of it runs twice: with the frontend the host pins and with the newest one on the registry.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from harness.browser import Browser, ComfyPage, quiet_first_visit, read_workflow
-from harness.host import REPO_ROOT
+from harness.host import REPO_ROOT, newest_frontend
+from harness.server import ComfyServer, make_base_directory
 from PIL import Image
 
 WORKFLOW_DIR = REPO_ROOT / "workflows"
@@ -64,22 +66,43 @@ def _write_input_images(input_dir: Path, names: set[str]) -> None:
         Image.fromarray(pixels).convert("RGB").save(path)
 
 
+@pytest.fixture(scope="module", params=["host frontend", "newest frontend"])
+def frontend(request) -> tuple[str, Path] | None:
+    """None: the frontend the host pins. Else (version, folder) of the newest frontend on the
+    registry, installed by scripts/dev-setup beside it."""
+    return newest_frontend() if request.param == "newest frontend" else None
+
+
 @pytest.fixture(scope="module")
-def pva_node_types(comfy_server) -> list[str]:
-    info = comfy_server.object_info()
+def ui_server(frontend, comfy_server, tmp_path_factory) -> ComfyServer:
+    """The shared server, or a server of the same host serving the newest frontend."""
+    if frontend is None:
+        yield comfy_server
+        return
+    base = make_base_directory(tmp_path_factory.mktemp("comfy-base-newest-frontend"), REPO_ROOT)
+    server = ComfyServer(base, ("--front-end-root", str(frontend[1]))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def pva_node_types(ui_server) -> list[str]:
+    info = ui_server.object_info()
     types = sorted(name for name, spec in info.items() if PACK_MODULE in str(spec.get("python_module", "")))
     assert types, "the test server registered no node of this pack"
     return types
 
 
 @pytest.fixture(scope="module")
-def ui(comfy_server) -> ComfyPage:
-    """One headless Chromium page on the shared server's web UI, ready for loadGraphData."""
-    _write_input_images(comfy_server.base / "input", _input_images([read_workflow(p) for p in UI_WORKFLOWS]))
-    quiet_first_visit(comfy_server.url)
+def ui(ui_server, frontend) -> ComfyPage:
+    """One headless Chromium page on the server's web UI, ready for loadGraphData."""
+    _write_input_images(ui_server.base / "input", _input_images([read_workflow(p) for p in UI_WORKFLOWS]))
+    quiet_first_visit(ui_server.url)
     with Browser() as browser:
         page = browser.new_page()
-        page.open(comfy_server.url)
+        page.open(ui_server.url)
+        if frontend:  # the page runs the frontend asked for, not the host's
+            assert page.frontend_version() == frontend[0]
         yield page
 
 
@@ -144,7 +167,7 @@ def test_ui_workflows_exist():
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[p.stem for p in UI_WORKFLOWS])
-def test_workflow_loads_in_frontend(ui, pva_node_types, path, screenshot_dir):
+def test_workflow_loads_in_frontend(ui, frontend, pva_node_types, path, screenshot_dir, tmp_path):
     workflow = read_workflow(path)
     file_types = {node.get("type") for node in workflow.get("nodes", [])}
     assert file_types & set(pva_node_types), f"{path.name} uses no node of this pack"
@@ -156,7 +179,8 @@ def test_workflow_loads_in_frontend(ui, pva_node_types, path, screenshot_dir):
     ui.fit_view()
     assert not ui.off_screen_nodes(), "fit view left nodes outside the canvas"
     previews = ui.wait_for_image_previews()
-    shot = ui.screenshot(screenshot_dir / f"{path.stem}.png")
+    # The README's pictures show the frontend the host pins.
+    shot = ui.screenshot((screenshot_dir if frontend is None else tmp_path) / f"{path.stem}.png")
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape == (800, 1280, 3)
     # Not a blank page: a rendered graph has many colours (nodes, links, text, previews).
@@ -180,7 +204,7 @@ def test_negative_control_unknown_node_type_is_detected(ui, pva_node_types):
         assert problems, "the check passed a workflow with an unknown node type"
         assert report["unregisteredInFile"] == [missing_type]
         assert [n["type"] for n in report["unregistered"]] == [missing_type]
-        dialog = ui.missing_nodes_dialog()
+        dialog = ui.missing_nodes_dialog(open_issues=True)
         assert dialog and missing_type in dialog, "the frontend's missing-nodes dialog did not name the type"
     finally:
         ui.close_dialogs()

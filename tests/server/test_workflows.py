@@ -83,14 +83,19 @@ def object_info(comfy_server) -> dict:
 
 
 def test_snapshot_equals_the_live_node_definitions(comfy_server, object_info):
+    """What the shipped workflows depend on (inputs, outputs, widget values), on whichever host
+    version runs the suite; the snapshot's host version is provenance, not a requirement."""
     snapshot = build.load_snapshot()
     assert sorted(snapshot["node_types"]) == build.used_node_types()
     live = build.snapshot_from_object_info(object_info, sorted(snapshot["node_types"]))
     for node_type, spec in snapshot["node_types"].items():
-        assert live["node_types"][node_type] == spec, (
+        now = live["node_types"][node_type]
+        # Outputs a newer host appends (PreviewImage's `images` on 0.33) leave saved links valid.
+        kept = build.contract(now) | {"outputs": now["outputs"][: len(spec["outputs"])]}
+        assert kept == build.contract(spec), (
             f"{node_type} changed: run scripts/build_workflows.py --refresh-snapshot"
         )
-    assert snapshot["comfyui_version"] == comfy_server.get_json("/system_stats")["system"]["comfyui_version"]
+        assert now["display_name"], f"{node_type} has no title to give a node"
 
 
 def _input_specs(info: dict):
