@@ -67,8 +67,15 @@ def test_a_build_that_drifts_from_its_recorded_digest_is_named(tmp_path):
     name = artefacts.ARTEFACTS["facenet-random"].file_name()
     record = {artefacts.platform_id(): {"artefacts": {name: "0" * 64}}}
     (tmp_path / "digests.json").write_text(json.dumps(record))
+    from harness.host import comfyui_path, portrait_packages
+
+    # An empty home of its own, with the host and the portraits that the real home's env.sh names.
     env = dict(
-        os.environ, PVA_DEV_HOME=str(tmp_path / "home"), PVA_TEST_MODEL_DIGESTS=str(tmp_path / "digests.json")
+        os.environ,
+        PVA_DEV_HOME=str(tmp_path / "home"),
+        PVA_TEST_MODEL_DIGESTS=str(tmp_path / "digests.json"),
+        COMFYUI_PATH=str(comfyui_path()),
+        PVA_PORTRAITS=str(portrait_packages()),
     )
     code = "from harness import artefacts; artefacts.ensure('facenet-random')"
     done = subprocess.run(
