@@ -174,9 +174,16 @@ def test_ui_workflow_fits_the_live_node_definitions(name, object_info):
             if not _is_widget(type_, options) and not optional:
                 assert slot["link"] is not None, f"{name}: {node['type']}.{input_name} is not connected"
         info = object_info[node["type"]]
-        assert [(o["name"], o["type"], o["slot_index"]) for o in node["outputs"]] == [
+        live_outputs = [
             (n, t, i) for i, (n, t) in enumerate(zip(info["output_name"], info["output"], strict=True))
         ]
+        saved_outputs = [(o["name"], o["type"], o["slot_index"]) for o in node["outputs"]]
+        # A newer host may append outputs (0.33's PreviewImage has one): the saved ones keep their slots.
+        assert saved_outputs == live_outputs[: len(saved_outputs)], (
+            node["type"],
+            saved_outputs,
+            live_outputs,
+        )
     for link_id, source, source_slot, target, target_slot, type_ in ui["links"]:
         assert source in nodes and target in nodes, (name, link_id)
         output = nodes[source]["outputs"][source_slot]
@@ -215,7 +222,16 @@ def specs_in_ui_order(specs: list) -> list:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_workflow_converts_to_exactly_its_api_twin(name, object_info):
-    assert ui_to_api(ui_file(name), object_info) == api_file(name)
+    converted, twin = ui_to_api(ui_file(name), object_info), api_file(name)
+    # A node without a title of its own is titled by the host's display name, which a newer host
+    # may change (0.33 shows "Batch Images (DEPRECATED)"): only the nodes the workflow titles are
+    # compared by title.
+    for node in ui_file(name)["nodes"]:
+        if node["type"] != "Note" and "title" not in node:
+            for prompt in (converted, twin):
+                title = prompt[str(node["id"])].pop("_meta")["title"]
+                assert isinstance(title, str) and title, (name, node["id"])
+    assert converted == twin
 
 
 def test_template_browser_lists_exactly_the_shipped_workflows(comfy_server):
