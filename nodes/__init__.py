@@ -6,6 +6,7 @@ from .faces import PVADetectFaces, PVAFaceRegionMask
 from .identity import PVAEncodeIdentity
 from .loaders import PVAFaceNetLoader, PVAInitializeFromModel, PVAModelLoader
 from .personalize import PVAQuickPersonalize
+from .prompt import PVAEncodePrompt
 from .save import PVASaveModel
 from .similarity import PVAIdentitySimilarity
 
@@ -20,6 +21,7 @@ NODES = [
     PVACropFaces,
     PVAPasteFaces,
     PVAQuickPersonalize,
+    PVAEncodePrompt,
     PVASaveModel,
     PVAIdentitySimilarity,
 ]

@@ -7,7 +7,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..pva.errors import PVAError
-from ..pva.method.weights import save_pva
+from ..pva.method.weights import check_embedding_free, save_embedding, save_pva
 from .types import CATEGORY, PVAModelType
 
 NAME_PATTERN = re.compile(r"^[\w][\w .()+-]*$")
@@ -34,7 +34,9 @@ class PVASaveModel(io.ComfyNode):
             display_name="Save PVA Model",
             category=CATEGORY,
             description="Writes the PVA model to ComfyUI/models/pva/<name>.safetensors (atomically; an existing "
-            "file is only replaced when overwrite is on). It shows up in 'Load PVA Model' without a restart.",
+            "file is only replaced when overwrite is on). It shows up in 'Load PVA Model' without a restart. A "
+            "person token it carries is also written to models/embeddings/<token>.safetensors, so that "
+            "embedding:<token> works in any prompt.",
             inputs=[
                 PVAModelType.Input("pva_model", tooltip="A personalized (or initialized) PVA model."),
                 io.String.Input(
@@ -50,5 +52,12 @@ class PVASaveModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, pva_model, name: str, overwrite: bool) -> io.NodeOutput:
-        path = save_pva(pva_model, pva_file_path(name), overwrite=overwrite)
-        return io.NodeOutput(path.name, ui={"text": [f"saved {path.name}"]})
+        path = pva_file_path(name)
+        token = pva_model.person_token
+        embeddings = folder_paths.get_folder_paths("embeddings")
+        if token is not None:  # refuse before writing anything
+            check_embedding_free(token, embeddings, overwrite)
+        saved = [save_pva(pva_model, path, overwrite=overwrite).name]
+        if token is not None:
+            saved.append(f"embeddings/{save_embedding(token, embeddings, overwrite=overwrite).name}")
+        return io.NodeOutput(saved[0], ui={"text": [f"saved {', '.join(saved)}"]})

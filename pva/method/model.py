@@ -8,6 +8,7 @@ from torch import nn
 from ..errors import PVAError
 from .encoder import IdentityEncoder
 from .layers import LayerSpec, family_label, find_cross_attention_layers
+from .person_token import PersonToken
 
 if TYPE_CHECKING:
     from comfy.model_patcher import ModelPatcher
@@ -46,6 +47,12 @@ class PVAModel(nn.Module):
         self.provenance = dict(provenance or {})
         self.identity_encoder = encoder
         self.projections = nn.ModuleDict({_module_key(s.name): ParallelProjections(s) for s in layers})
+        self.person_token: PersonToken | None = None  # learned by the from-scratch recipe
+
+    @property
+    def is_pretrained(self) -> bool:
+        """Whether its encoder and projections were trained on many people (scripts/pretrain.py)."""
+        return "pretrained" in self.provenance
 
     @property
     def context_dim(self) -> int:
@@ -56,7 +63,8 @@ class PVAModel(nn.Module):
         return self.identity_encoder.num_tokens
 
     def describe(self) -> str:
-        return f"{family_label(self.context_dim)} ({self.family}, {self.context_dim}-d context)"
+        token = f", person token {self.person_token.describe()}" if self.person_token is not None else ""
+        return f"{family_label(self.context_dim)} ({self.family}, {self.context_dim}-d context{token})"
 
     def projections_for(self, layer_name: str) -> ParallelProjections:
         return self.projections[_module_key(layer_name)]

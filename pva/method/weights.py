@@ -4,6 +4,10 @@ Keys: `identity_encoder.<param>` and `layers.<ComfyUI block name>.to_{q,k,v}.wei
 `layers.input_blocks.1.1.transformer_blocks.0.attn2.to_q.weight`. Metadata (all strings):
 format, format_version, family, context_dim, num_tokens, encoder (json), layers (json),
 provenance (json).
+
+Version 2 adds an optional person token: `person_token.<clip_l|clip_g>` [count, width] and the
+metadata `person_token` (json: name, class_word). Files without one are still written as version 1,
+so packs that read only version 1 keep reading them.
 """
 
 import json
@@ -19,11 +23,13 @@ from ..files import save_safetensors, write_atomically
 from .encoder import IdentityEncoder
 from .layers import LayerSpec
 from .model import PVAModel
+from .person_token import PersonToken
 
 FORMAT = "comfyui-pva"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ENCODER_PREFIX = "identity_encoder."
 LAYER_PREFIX = "layers."
+TOKEN_PREFIX = "person_token."
 
 
 def state_dict_for_file(pva: PVAModel) -> dict[str, torch.Tensor]:
@@ -32,19 +38,28 @@ def state_dict_for_file(pva: PVAModel) -> dict[str, torch.Tensor]:
         proj = pva.projections_for(spec.name)
         for name in ("to_q", "to_k", "to_v"):
             tensors[f"{LAYER_PREFIX}{spec.name}.{name}.weight"] = getattr(proj, name).weight
+    if pva.person_token is not None:
+        tensors.update({TOKEN_PREFIX + k: v for k, v in pva.person_token.tensors().items()})
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
 
 
 def metadata_for_file(pva: PVAModel) -> dict[str, str]:
+    token = pva.person_token
+    extra = (
+        {}
+        if token is None
+        else {"person_token": json.dumps({"name": token.name, "class_word": token.class_word})}
+    )
     return {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": "1" if token is None else str(FORMAT_VERSION),
         "family": pva.family,
         "context_dim": str(pva.context_dim),
         "num_tokens": str(pva.num_tokens),
         "encoder": json.dumps(pva.identity_encoder.config),
         "layers": json.dumps([s.to_json() for s in pva.layers]),
         "provenance": json.dumps(pva.provenance),
+        **extra,
     }
 
 
@@ -105,6 +120,10 @@ def _load_pva(path: Path) -> PVAModel:
         layers = [LayerSpec(**spec) for spec in json.loads(metadata["layers"])]
         provenance = json.loads(metadata.get("provenance", "{}"))
         pva = PVAModel(layers, IdentityEncoder(**encoder_config), metadata["family"], provenance)
+        if "person_token" in metadata:
+            token = json.loads(metadata["person_token"])
+            vectors = {k[len(TOKEN_PREFIX) :]: v for k, v in tensors.items() if k.startswith(TOKEN_PREFIX)}
+            pva.person_token = PersonToken(token["name"], vectors, token.get("class_word", ""))
     except (KeyError, ValueError, TypeError) as error:
         raise PVAWeightsError(
             f"{path.name}: damaged PVA header ({error}); save or download the file again."
@@ -132,3 +151,47 @@ def _load_pva(path: Path) -> PVAModel:
     except RuntimeError as error:
         raise PVAWeightsError(f"{path.name}: tensor shapes disagree with its header ({error}).") from None
     return pva
+
+
+EMBEDDING_FORMAT = "comfyui-pva-person-token"
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin", "")
+
+
+def embedding_owner(path: Path) -> str | None:
+    """The person a textual-inversion file was written for by this pack, or None for any other
+    file (someone else's embedding)."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception:  # not a safetensors file: not ours
+        return None
+    return metadata.get("person") if metadata.get("format") == EMBEDDING_FORMAT else None
+
+
+def check_embedding_free(token: PersonToken, folders: list[str], overwrite: bool = False) -> None:
+    """Refused when any embeddings folder already has a file ComfyUI would read for the token's
+    name, unless it is this pack's file of the same person and `overwrite` is on."""
+    for folder in folders:
+        for suffix in EMBEDDING_SUFFIXES:
+            existing = Path(folder) / f"{token.name}{suffix}"
+            if not existing.is_file():
+                continue
+            if embedding_owner(existing) != token.name:
+                raise PVAWeightsError(
+                    f"person_token: models/embeddings already has {existing.name} ({existing.parent}), an embedding "
+                    f"that is not this person's; embedding:{token.name} would be ambiguous. Choose another token name."
+                )
+            if not overwrite:
+                raise PVAWeightsError(
+                    f"{existing.name} already exists in {existing.parent} (an earlier training of {token.name}); "
+                    "allow overwriting or choose another token name."
+                )
+
+
+def save_embedding(token: PersonToken, folders: list[str], overwrite: bool = False) -> Path:
+    """Write the token as a textual-inversion file, <first folder>/<name>.safetensors, that
+    ComfyUI reads for `embedding:<name>` in any prompt (see check_embedding_free)."""
+    check_embedding_free(token, folders, overwrite)
+    path = Path(folders[0]) / f"{token.name}.safetensors"
+    metadata = {"format": EMBEDDING_FORMAT, "person": token.name, "class_word": token.class_word}
+    return write_atomically(path, lambda temp: save_safetensors(token.tensors(), temp, metadata))

@@ -11,6 +11,10 @@ from ..faces.embeddings import embed_photos
 from ..faces.facenet import FaceNet
 from ..faces.regions import region_mask
 
+# A face enlarged more than this to fill the training crop is mostly interpolation: the model would
+# learn blur as the person's look.
+MAX_ENLARGEMENT = 4.0
+
 
 @dataclass(frozen=True)
 class PersonalizationData:
@@ -40,13 +44,21 @@ def prepare_personalization_data(
     context: float = 2.0,
     face_index: int = 0,
     faces: Faces | None = None,
+    minimum_photos: int = 1,
 ) -> PersonalizationData:
     """Detect, crop and embed the reference photos (the `face_index`-th face of each, in
     largest-first order); build each one's whole-face mask. `faces`: faces located earlier
-    (e.g. the fixed crop of aligned photos, which MTCNN need not find) instead of detecting."""
+    (e.g. the fixed crop of aligned photos, which MTCNN need not find) instead of detecting.
+    `minimum_photos`: what the recipe needs (a person token learns one photo's background and
+    expression as the person from a single photo)."""
     if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] == 0:
         raise PVAError("reference_images: the batch is empty; connect at least one photo of the person.")
     photos = image_list(images)
+    if len(photos) < minimum_photos:
+        raise PVAError(
+            f"reference_images: {len(photos)} photo{'s' if len(photos) != 1 else ''}; learning a person token needs at least {minimum_photos} "
+            "different photos of the person (3 to 5 work best), or a pretrained PVA model with the 'PVA only' recipe."
+        )
     embedded = embed_photos(
         photos,
         facenet,
@@ -57,9 +69,20 @@ def prepare_personalization_data(
     )
     crops, masks = [], []
     for i, face in embedded.faces.pairs():
+        enlargement = resolution / max(face.size * context, 1.0)
+        if enlargement > MAX_ENLARGEMENT:
+            raise PVAError(
+                f"reference_images: the face in photo {i + 1} is {face.size:.0f} px; training at resolution "
+                f"{resolution} would enlarge it {enlargement:.1f}x (more than {MAX_ENLARGEMENT:.0f}x is mostly blur). "
+                f"Use photos with larger faces or lower resolution to {_fitting_resolution(face.size * context)}."
+            )
         crop, in_crop = crop_face(photos[i], face, resolution, context)
         crops.append(crop.clamp(0, 1))
         masks.append(region_mask(in_crop, "whole face", resolution, resolution))
     return PersonalizationData(
         torch.stack(crops), torch.stack(masks).float(), embedded.embeddings, embedded.mirrored
     )
+
+
+def _fitting_resolution(side: float) -> int:
+    return max(64, int(side * MAX_ENLARGEMENT) // 64 * 64)

@@ -13,8 +13,10 @@ import torch
 
 from ..errors import PVAError
 from ..host.conditioning import inpaint_conditioning
+from ..host.text import replace_text
 from ..method.model import TRAINABLE, PVAModel
 from .data import PersonalizationData
+from .person_prompt import TokenPrompt
 from .session import TrainingBatch, TrainingSession, face_weight, stratified_sigmas, training_mode
 
 if TYPE_CHECKING:
@@ -25,7 +27,9 @@ if TYPE_CHECKING:
 @dataclass
 class TrainingSettings:
     steps: int = 40
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-4  # W'q/W'k/W'v, and the identity encoder unless encoder_learning_rate is set
+    encoder_learning_rate: float | None = None
+    token_learning_rate: float = 5e-3  # the person token, when one trains
     batch_size: int = 1  # targets per optimizer step (gradients accumulated)
     time_bins: int = 4  # K: each target is used at one timestep from each of K bins
     seed: int = 0
@@ -37,6 +41,14 @@ class TrainingSettings:
         checks = [
             (self.steps >= 1, f"steps: must be at least 1, got {self.steps}."),
             (self.learning_rate > 0, f"learning_rate: must be > 0, got {self.learning_rate}."),
+            (
+                self.encoder_learning_rate is None or self.encoder_learning_rate > 0,
+                f"encoder_learning_rate: must be > 0, got {self.encoder_learning_rate}.",
+            ),
+            (
+                self.token_learning_rate > 0,
+                f"token_learning_rate: must be > 0, got {self.token_learning_rate}.",
+            ),
             (self.batch_size >= 1, f"batch_size: must be at least 1, got {self.batch_size}."),
             (1 <= self.time_bins <= 1000, f"time_bins: must be 1..1000, got {self.time_bins}."),
             (self.train in TRAINABLE, f"train: must be one of {TRAINABLE}, got {self.train!r}."),
@@ -92,10 +104,16 @@ class Personalizer(TrainingSession):
         data: PersonalizationData,
         targets: list,
         settings: TrainingSettings,
+        prompt: TokenPrompt | None = None,
     ):
         settings.validate()
         super().__init__(
-            model_patcher, pva, settings.train, settings.gradient_checkpointing, settings.mixed_precision
+            model_patcher,
+            pva,
+            settings.train,
+            settings.gradient_checkpointing,
+            settings.mixed_precision,
+            prompt,
         )
         self.settings = settings
         self.data = data
@@ -132,18 +150,40 @@ class Personalizer(TrainingSession):
         sampling = self.patched.get_model_object("model_sampling")
         sigmas = stratified_sigmas(sampling, bins, generator).to(self.device)
         x0 = self.latents[target].expand(bins, -1, -1, -1)
+        conds = self.conds[target]
+        if self.prompt is not None:  # the text changes with the person token at every step
+            cond = replace_text(self.targets[target][0], self.prompt.encode())
+            conds = self.model_conds(cond, self.latents[target], bins)
         noise = torch.randn(x0.shape, generator=generator).to(self.device)
         tokens = self.pva.identity_encoder(self.data.references_for(target).to(self.device))
         face_only = self.masked_loss if face_only is None else face_only
         weight = (
             face_weight(self.data.masks[target][None].to(self.device), x0.shape[-2:]) if face_only else None
         )
-        return self.loss(TrainingBatch(self.conds[target], x0, sigmas, noise, face_weight=weight), tokens)
+        return self.loss(TrainingBatch(conds, x0, sigmas, noise, face_weight=weight), tokens)
+
+    def optimizer_groups(self) -> list[dict]:
+        """AdamW groups: each trained part at its own learning rate; no weight decay on the
+        person token (it would pull the word towards zero, away from the text embeddings)."""
+        settings = self.settings
+        rates = {
+            "projections": settings.learning_rate,
+            "identity_encoder": settings.encoder_learning_rate or settings.learning_rate,
+            "person_token": settings.token_learning_rate,
+        }
+        return [
+            {
+                "params": params,
+                "lr": rates[group],
+                **({"weight_decay": 0.0} if group == "person_token" else {}),
+            }
+            for group, params in self.parameter_groups.items()
+        ]
 
     def train(self, on_step: Callable[[int, float], None] | None = None) -> list[float]:
         settings = self.settings
         generator = torch.Generator().manual_seed(settings.seed)
-        optimizer = torch.optim.AdamW(self.parameters, lr=settings.learning_rate, weight_decay=1e-2)
+        optimizer = torch.optim.AdamW(self.optimizer_groups(), weight_decay=1e-2)
         losses = []
         for step in range(settings.steps):
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -201,20 +241,37 @@ def personalize(
     pva: PVAModel,
     settings: TrainingSettings,
     on_step: Callable[[int, float], None] | None = None,
+    prompt: TokenPrompt | None = None,
 ) -> TrainingResult:
-    """Train a copy of `pva` on `data`; the input PVA model and the MODEL are left unchanged."""
+    """Train a copy of `pva` on `data`; the input PVA model and the MODEL are left unchanged.
+    With a `prompt` its person token trains too (it replaces `positive`) and the copy carries it."""
     check_latent_format(model_patcher, vae)
     with training_mode(), torch.random.fork_rng(devices=[]):
         trained = copy.deepcopy(pva)  # PVA models are built and loaded as normal tensors
+        if prompt is not None:
+            trained.person_token = copy.deepcopy(prompt.token)
+            prompt = prompt.with_token(trained.person_token)
+            with torch.no_grad():
+                positive = prompt.encode()
         torch.manual_seed(settings.seed)  # dropout in the identity encoder
         targets = encode_inpaint_targets(data, vae, positive)
-        with Personalizer(model_patcher, trained, data, targets, settings) as run:
+        with Personalizer(model_patcher, trained, data, targets, settings, prompt) as run:
             losses = run.train(on_step)
     trained.provenance = dict(
         pva.provenance,
         personalized=dict(
             steps=settings.steps,
             learning_rate=settings.learning_rate,
+            **(
+                {"encoder_learning_rate": settings.encoder_learning_rate}
+                if settings.encoder_learning_rate
+                else {}
+            ),
+            **(
+                {"person_token": prompt.token.name, "token_learning_rate": settings.token_learning_rate}
+                if prompt is not None
+                else {}
+            ),
             time_bins=settings.time_bins,
             batch_size=settings.batch_size,
             seed=settings.seed,

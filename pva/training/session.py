@@ -11,7 +11,7 @@ ComfyUI interrupts the run.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,11 +22,14 @@ import torch.utils.checkpoint
 
 from ..host.conditioning import denoised, model_conds
 from ..host.loading import unload
+from ..host.text import differentiable
 from ..method.model import PVAModel
 from ..method.patching import attach, check_compatible, identity_stream
 
 if TYPE_CHECKING:
     from comfy.model_patcher import ModelPatcher
+
+    from .person_prompt import TokenPrompt
 
 # Memory a training step needs for the backward pass, per sample and latent position at 4 bytes
 # per value, without / with gradient checkpointing. The SD1.5-inpainting UNet saves 529 / 38 KiB
@@ -79,8 +82,10 @@ class TrainingSession:
         train: str = "both",
         gradient_checkpointing: bool = False,
         mixed_precision: str = "auto",
+        prompt: TokenPrompt | None = None,
     ):
         check_compatible(pva, model_patcher)
+        self.prompt = prompt  # when given, the person token trains through the text encoder
         # An inpainting model gets the paper's whole-latent loss; a regular model learns the face region only.
         self.masked_loss = model_patcher.model.model_config.unet_config.get("in_channels", 4) <= 4
         self.pva = pva
@@ -109,7 +114,7 @@ class TrainingSession:
     def training_memory(self) -> int:
         """Bytes the run needs on the device besides the UNet's weights: activations, the PVA
         model, and for its trained (fp32) parameters their gradients and AdamW's two moments."""
-        trainable = sum(p.numel() for module in self._trained_modules() for p in module.parameters())
+        trainable = sum(p.numel() for _, module in self._trained_modules() for p in module.parameters())
         frozen = sum(p.numel() for p in self.pva.parameters()) - trainable
         return self.activation_memory() + 16 * trainable + 4 * frozen
 
@@ -118,12 +123,21 @@ class TrainingSession:
         try:
             # ComfyUI frees other models for the training activations and, when VRAM is still
             # short, loads the UNet partially (weights streamed per layer; gradients unchanged).
-            comfy.model_management.load_models_gpu([self.patched], memory_required=self.training_memory())
+            # The text encoder is loaded with it: loading it later could evict the UNet.
+            text = [self.prompt.clip.patcher] if self.prompt is not None else []
+            comfy.model_management.load_models_gpu(
+                [self.patched, *text], memory_required=self.training_memory()
+            )
             self.patched.pre_run()  # what ComfyUI's sampler does before running the model
             self._restore.append(self.patched.cleanup)
             self.device = self.patched.load_device
             diffusion_model = self.patched.model.diffusion_model
             self._freeze_base(diffusion_model)
+            if self.prompt is not None:
+                self._freeze_base(self.prompt.clip.cond_stage_model)
+                text_encoder = ExitStack()
+                text_encoder.enter_context(differentiable(self.prompt.clip))
+                self._restore.append(text_encoder.close)
             if self.gradient_checkpointing:
                 self._checkpoint_blocks(diffusion_model)
             self.pva.to(self.device).train()
@@ -195,19 +209,26 @@ class TrainingSession:
             layer.forward = checkpointed
         self._restore.append(lambda: [layer.__dict__.pop("forward", None) for layer in layers])
 
-    def _trained_modules(self) -> list[torch.nn.Module]:
+    def _trained_modules(self) -> list[tuple[str, torch.nn.Module]]:
+        """(group, module) of what trains: 'identity_encoder', 'projections', 'person_token'."""
         modules = []
         if self.train_which in ("both", "identity_encoder"):
-            modules.append(self.pva.identity_encoder)
+            modules.append(("identity_encoder", self.pva.identity_encoder))
         if self.train_which in ("both", "projections"):
-            modules.append(self.pva.projections)
+            modules.append(("projections", self.pva.projections))
+        if self.prompt is not None:
+            modules.append(("person_token", self.prompt.token))
         return modules
 
     def _set_trainable(self) -> None:
         self.pva.requires_grad_(False)
-        for module in self._trained_modules():
+        for _, module in self._trained_modules():
             module.requires_grad_(True)
         self.parameters = [p for p in self.pva.parameters() if p.requires_grad]
+        self.parameter_groups = {
+            group: [p for p in module.parameters() if p.requires_grad]
+            for group, module in self._trained_modules()
+        }
 
     # -- the loss ---------------------------------------------------------------------------
     def model_conds(self, cond: list, latent: torch.Tensor, batch: int) -> list:
