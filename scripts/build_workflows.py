@@ -103,6 +103,7 @@ CHECKPOINT = "sd-v1-5-inpainting.ckpt"
 FACENET = "20180402-114759-vggface2.pt"
 PVA_FOR_CHECKPOINT = "pva_sd15.safetensors"
 PERSON = "my_person"
+PERSON_TOKEN = "my_person_pva"  # written embedding:my_person_pva in prompts
 REFERENCES = ("pva_reference_1.png", "pva_reference_2.png", "pva_reference_3.png")
 TARGET = "pva_target.png"
 TARGET_MASK = "pva_target_mask.png"
@@ -201,12 +202,23 @@ def identity(wf: Workflow, first_id: int, x: int, y: int, model: Link, pva: Link
 
 
 def prompts(
-    wf: Workflow, first_id: int, x: int, y: int, clip: Link, positive: str = POSITIVE
+    wf: Workflow,
+    first_id: int,
+    x: int,
+    y: int,
+    clip: Link,
+    positive: str = POSITIVE,
+    person: Link | None = None,
 ) -> tuple[Link, Link]:
-    """Positive and negative CLIPTextEncode; returns both."""
+    """Positive and negative CLIPTextEncode; returns both. With `person` (a PVA model with a
+    person token) the positive prompt is encoded with its token."""
     grp = wf.group("Prompt", CYAN)
-    pos = wf.add(first_id, "CLIPTextEncode", (x, y), size=(400, 160), group=grp,
-                 title="Positive prompt", text=positive, clip=clip)  # fmt: skip
+    if person is None:
+        pos = wf.add(first_id, "CLIPTextEncode", (x, y), size=(400, 160), group=grp,
+                     title="Positive prompt", text=positive, clip=clip)  # fmt: skip
+    else:
+        pos = wf.add(first_id, "PVAEncodePrompt", (x, y), size=(400, 180), group=grp,
+                     title="Positive prompt (with the person token)", clip=clip, pva_model=person, text=positive)  # fmt: skip
     neg = wf.add(first_id + 1, "CLIPTextEncode", (x, y + 210), size=(400, 120), group=grp,
                  title="Negative prompt", text=NEGATIVE, clip=clip)  # fmt: skip
     return pos[0], neg[0]
@@ -246,7 +258,7 @@ def sample_and_save(wf: Workflow, first_id: int, x: int, y: int, model: Link, va
 
 
 def inpaint(wf: Workflow, first_id: int, x: int, y: int, model: Link, clip: Link, vae: Link,
-            positive: str = POSITIVE, prefix: str = "pva/face_inpainting") -> Link:  # fmt: skip
+            positive: str = POSITIVE, prefix: str = "pva/face_inpainting", person: Link | None = None) -> Link:  # fmt: skip
     """Photo + mask -> prompts -> InpaintModelConditioning -> KSampler -> VAEDecode ->
     ImageCompositeMasked (paste back through the mask) -> SaveImage; returns the pasted photo."""
     photo_grp = wf.group("Photo to inpaint", BROWN)
@@ -254,7 +266,7 @@ def inpaint(wf: Workflow, first_id: int, x: int, y: int, model: Link, clip: Link
                    image=TARGET)  # fmt: skip
     mask = wf.add(first_id + 1, "LoadImageMask", (x + 330, y), size=(300, 330), group=photo_grp,
                   title="Face mask (white = repaint)", image=TARGET_MASK, channel="red")  # fmt: skip
-    conditioning = prompts(wf, first_id + 2, x + 700, y, clip, positive)
+    conditioning = prompts(wf, first_id + 2, x + 700, y, clip, positive, person)
     return sample_and_save(
         wf, first_id + 4, x + 1170, y, model, vae, conditioning, photo[0], mask[0], photo[0], prefix
     )
@@ -357,7 +369,8 @@ shown in the Preview Image node.
                       model=ckpt[0], vae=ckpt[2], clip=ckpt[1], facenet=facenet[0], reference_images=refs,
                       prompt="a photo of a person", steps=40, learning_rate=1e-4, batch_size=1, time_bins=4,
                       resolution=512, seed=0, train="both", gradient_checkpointing=False, mixed_precision="auto",
-                      detection_threshold=0.9, face_index=0, pva_model=init[0])  # fmt: skip
+                      detection_threshold=0.9, face_index=0, pva_model=init[0], recipe="PVA only",
+                      person_token="", class_word="person", token_learning_rate=5e-3)  # fmt: skip
     wf.add(
         12,
         "PVASaveModel",
@@ -379,6 +392,47 @@ shown in the Preview Image node.
     )
     model = identity(wf, 14, 2220, 40, ckpt[0], personal[0], facenet[0], refs)
     inpaint(wf, 16, 460, 780, model, ckpt[1], ckpt[2], prefix="pva/pva_quick_personalize_and_inpaint")
+    return wf
+
+
+def pva_personalize_from_scratch() -> Workflow:
+    """(c2) Initialize PVA from the MODEL -> Quick Personalize with a person token (the recipe for
+    a PVA model that was never pretrained) -> Save PVA Model (+ the token to models/embeddings),
+    and -> Encode Identity -> Apply -> inpaint with the token in the prompt."""
+    wf = Workflow("pva_personalize_from_scratch")
+    word = f"embedding:{PERSON_TOKEN}"
+    wf.note(1, (0, 0), f"""\
+Learn a person from your own checkpoint alone (no pretrained PVA model), save them, and inpaint a \
+face with them in the same run.
+
+Put these files in place, then pick them in the loaders:
+{_COMMON_FILES}
+A PVA model initialized from the checkpoint has never seen a face, so Quick Personalize uses the \
+'PVA + person token' recipe (recipe auto says so in its 'recipe' output): beside the PVA \
+parameters it learns a new word for the person, {word}, started from the word 'person'. \
+Both prompts name the person with it. Save PVA Model writes ComfyUI/models/pva/{PERSON_TOKEN}.safetensors \
+and the token to ComfyUI/models/embeddings/{PERSON_TOKEN}.safetensors, so {word} then works in any \
+prompt (CLIPTextEncode too); in this run 'Encode Prompt with Person' reads it from the trained model.
+
+{_INPAINT_NOTE}""")  # fmt: skip
+    ckpt, facenet = checkpoint_and_facenet(wf, 0, 480)
+    refs = references(wf, 5, 460, 40)
+    grp = wf.group("Quick personalization with a person token (PVA)", PURPLE)
+    init = wf.add(10, "PVAInitializeFromModel", (1460, 40), size=(340, 106), group=grp,
+                  model=ckpt[0], num_tokens=10, seed=0)  # fmt: skip
+    personal = wf.add(11, "PVAQuickPersonalize", (1460, 210), size=(340, 560), group=grp,
+                      model=ckpt[0], vae=ckpt[2], clip=ckpt[1], facenet=facenet[0], reference_images=refs,
+                      prompt=f"a photo of {word} person", steps=40, learning_rate=1e-4, batch_size=1, time_bins=4,
+                      resolution=512, seed=0, train="both", gradient_checkpointing=False, mixed_precision="auto",
+                      detection_threshold=0.9, face_index=0, pva_model=init[0], recipe="auto",
+                      person_token=PERSON_TOKEN, class_word="person", token_learning_rate=5e-3)  # fmt: skip
+    wf.add(12, "PVASaveModel", (1840, 40), size=(320, 106), group=grp, pva_model=personal[0], name=PERSON_TOKEN,
+           overwrite=False)  # fmt: skip
+    wf.add(13, "PreviewImage", (1840, 210), size=(320, 300), group=grp, title="Personalization loss",
+           images=personal[2])  # fmt: skip
+    model = identity(wf, 14, 2220, 40, ckpt[0], personal[0], facenet[0], refs)
+    inpaint(wf, 16, 460, 880, model, ckpt[1], ckpt[2], positive=f"a photo of {word} person, detailed face, "
+            "natural skin, sharp focus", prefix="pva/pva_personalize_from_scratch", person=personal[0])  # fmt: skip
     return wf
 
 
@@ -611,6 +665,7 @@ def workflows() -> list[Workflow]:
         pva_face_inpainting(),
         pva_face_inpainting_with_prompt(),
         pva_quick_personalize_and_inpaint(),
+        pva_personalize_from_scratch(),
         pva_inpaint_with_saved_person(),
         pva_face_detailer_large_photo(),
         pva_two_people(),

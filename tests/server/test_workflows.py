@@ -453,6 +453,50 @@ def test_quick_personalize_workflow_saves_the_person_and_inpaints(e2e):
 
 
 @pytest.mark.slow
+def test_personalize_from_scratch_workflow_saves_a_token_that_stock_prompts_read(e2e):
+    """From an initialized PVA model, recipe auto learns a person token: the saved PVA file
+    carries it, models/embeddings gets the same vectors, and a stock CLIPTextEncode reading that
+    file paints exactly the picture the workflow's Encode Prompt with Person painted. Negative
+    control: the prompt without the token paints another face (by more than a tenth of another
+    sampling seed's change)."""
+    from safetensors.torch import load_file
+
+    from pva.method.weights import load_pva
+
+    name = "pva_personalize_from_scratch"
+    e2e.run(name)
+    image = e2e.saved_image(name)
+    check_inpainted(image)
+    person = load_pva(pva_file(e2e.server, build.PERSON_TOKEN))
+    assert person.person_token is not None and person.person_token.name == build.PERSON_TOKEN
+    assert person.provenance["personalized"]["person_token"] == build.PERSON_TOKEN
+    embedding = load_file(
+        str(e2e.server.base / "models" / "embeddings" / f"{build.PERSON_TOKEN}.safetensors")
+    )
+    assert embedding.keys() == {"clip_l"}
+    assert torch.equal(embedding["clip_l"], person.person_token.vectors["clip_l"])
+
+    def stock_prompt(prompt: dict) -> None:
+        node = prompt[_node_id(prompt, "PVAEncodePrompt")]
+        node["class_type"] = "CLIPTextEncode"
+        del node["inputs"]["pva_model"]
+
+    assert np.array_equal(e2e.variant(name, "stock prompt", stock_prompt), image)
+
+    def without_token(prompt: dict) -> None:
+        node = prompt[_node_id(prompt, "PVAEncodePrompt")]
+        node["class_type"] = "CLIPTextEncode"
+        del node["inputs"]["pva_model"]
+        node["inputs"]["text"] = build.POSITIVE
+
+    change = change_in_mask(e2e.variant(name, "without token", without_token), image)
+    print(
+        f"\n[workflow e2e] {name}: the token changed the face by {change:.1f} (another seed: {seed_change(e2e):.1f})"
+    )
+    assert change > 0.1 * seed_change(e2e), change
+
+
+@pytest.mark.slow
 @pytest.mark.claims
 def test_saved_person_workflow_loads_exactly_the_saved_file(e2e):
     personalize, saved = "pva_quick_personalize_and_inpaint", "pva_inpaint_with_saved_person"
