@@ -6,11 +6,11 @@ from comfy_api.latest import io
 from tqdm import tqdm
 
 from ..pva.host.text import class_word_vectors
-from ..pva.method.model import PVAModel
+from ..pva.method.model import TRAINABLE, PVAModel
 from ..pva.method.person_token import PersonToken
 from ..pva.training.data import prepare_personalization_data
 from ..pva.training.person_prompt import TokenPrompt
-from ..pva.training.personalize import TRAINABLE, TrainingSettings, personalize
+from ..pva.training.personalize import TrainingSettings, personalize
 from ..pva.training.recipe import RECIPES, resolve_recipe
 from .loss_plot import loss_curve_image
 from .types import CATEGORY, FaceNetType, PVAModelType, detection_threshold_input
@@ -50,7 +50,7 @@ class PVAQuickPersonalize(io.ComfyNode):
                 io.Combo.Input("recipe", options=list(RECIPES), default="auto", optional=True, tooltip="auto: 'PVA + person token' when the PVA model was never pretrained (then the person is learned as a new word too), otherwise 'PVA only'. The node's 'recipe' output says which ran."),
                 io.String.Input("person_token", default="", optional=True, tooltip="Name of the person's new word (e.g. anna_pva), written in prompts as embedding:<name>; the prompt above must contain it. Save PVA Model also writes it to models/embeddings so any prompt can use it."),
                 io.String.Input("class_word", default="person", optional=True, tooltip="One common word the person token starts from (person, woman, man)."),
-                io.Float.Input("token_learning_rate", default=5e-3, min=1e-6, max=1.0, step=1e-4, optional=True, tooltip="AdamW learning rate of the person token."),
+                io.Float.Input("token_learning_rate", default=2e-2, min=1e-6, max=1.0, step=1e-4, optional=True, tooltip="AdamW learning rate of the person token."),
             ],
             outputs=[
                 PVAModelType.Output(display_name="PVA_MODEL"),
@@ -64,7 +64,7 @@ class PVAQuickPersonalize(io.ComfyNode):
     def execute(
         cls, model, vae, clip, facenet, reference_images, prompt, steps, learning_rate, batch_size, time_bins,
         resolution, seed, train, gradient_checkpointing, mixed_precision, detection_threshold, face_index=0,
-        pva_model=None, recipe="auto", person_token="", class_word="person", token_learning_rate=5e-3,
+        pva_model=None, recipe="auto", person_token="", class_word="person", token_learning_rate=2e-2,
     ) -> io.NodeOutput:  # fmt: skip
         settings = TrainingSettings(
             steps=steps, learning_rate=learning_rate, batch_size=batch_size, time_bins=time_bins, seed=seed,

@@ -104,6 +104,8 @@ FACENET = "20180402-114759-vggface2.pt"
 PVA_FOR_CHECKPOINT = "pva_sd15.safetensors"
 PERSON = "my_person"
 PERSON_TOKEN = "my_person_pva"  # written embedding:my_person_pva in prompts
+# pva.training.recipe.FROM_SCRATCH_LEARNING_RATE (tests/fast/nodes/test_workflow_files.py keeps them equal)
+FROM_SCRATCH_LEARNING_RATE = 1e-3
 REFERENCES = ("pva_reference_1.png", "pva_reference_2.png", "pva_reference_3.png")
 TARGET = "pva_target.png"
 TARGET_MASK = "pva_target_mask.png"
@@ -370,7 +372,7 @@ shown in the Preview Image node.
                       prompt="a photo of a person", steps=40, learning_rate=1e-4, batch_size=1, time_bins=4,
                       resolution=512, seed=0, train="both", gradient_checkpointing=False, mixed_precision="auto",
                       detection_threshold=0.9, face_index=0, pva_model=init[0], recipe="PVA only",
-                      person_token="", class_word="person", token_learning_rate=5e-3)  # fmt: skip
+                      person_token="", class_word="person", token_learning_rate=2e-2)  # fmt: skip
     wf.add(
         12,
         "PVASaveModel",
@@ -422,10 +424,11 @@ prompt (CLIPTextEncode too); in this run 'Encode Prompt with Person' reads it fr
                   model=ckpt[0], num_tokens=10, seed=0)  # fmt: skip
     personal = wf.add(11, "PVAQuickPersonalize", (1460, 210), size=(340, 560), group=grp,
                       model=ckpt[0], vae=ckpt[2], clip=ckpt[1], facenet=facenet[0], reference_images=refs,
-                      prompt=f"a photo of {word} person", steps=40, learning_rate=1e-4, batch_size=1, time_bins=4,
+                      prompt=f"a photo of {word} person", steps=40, learning_rate=FROM_SCRATCH_LEARNING_RATE,
+                      batch_size=1, time_bins=4,
                       resolution=512, seed=0, train="both", gradient_checkpointing=False, mixed_precision="auto",
                       detection_threshold=0.9, face_index=0, pva_model=init[0], recipe="auto",
-                      person_token=PERSON_TOKEN, class_word="person", token_learning_rate=5e-3)  # fmt: skip
+                      person_token=PERSON_TOKEN, class_word="person", token_learning_rate=2e-2)  # fmt: skip
     wf.add(12, "PVASaveModel", (1840, 40), size=(320, 106), group=grp, pva_model=personal[0], name=PERSON_TOKEN,
            overwrite=False)  # fmt: skip
     wf.add(13, "PreviewImage", (1840, 210), size=(320, 300), group=grp, title="Personalization loss",

@@ -14,7 +14,8 @@ import torch
 from ..errors import PVAError
 from ..host.conditioning import inpaint_conditioning
 from ..host.text import replace_text
-from ..method.model import TRAINABLE, PVAModel
+from ..method.model import TRAINABLE as PVA_TRAINABLE
+from ..method.model import PVAModel
 from .data import PersonalizationData
 from .person_prompt import TokenPrompt
 from .session import TrainingBatch, TrainingSession, face_weight, stratified_sigmas, training_mode
@@ -24,12 +25,19 @@ if TYPE_CHECKING:
     from comfy.sd import VAE
 
 
+# What a personalization may train: PVA's parameters, or only the person token with the identity
+# path off (textual inversion: the bench's control, not offered by the node).
+TOKEN_ONLY = "person token only"
+TRAINABLE = (*PVA_TRAINABLE, TOKEN_ONLY)
+
+
 @dataclass
 class TrainingSettings:
     steps: int = 40
     learning_rate: float = 1e-4  # W'q/W'k/W'v, and the identity encoder unless encoder_learning_rate is set
     encoder_learning_rate: float | None = None
-    token_learning_rate: float = 5e-3  # the person token, when one trains
+    # the person token, when one trains: measured by bench/personalization_from_scratch.py
+    token_learning_rate: float = 2e-2
     batch_size: int = 1  # targets per optimizer step (gradients accumulated)
     time_bins: int = 4  # K: each target is used at one timestep from each of K bins
     seed: int = 0
@@ -107,6 +115,10 @@ class Personalizer(TrainingSession):
         prompt: TokenPrompt | None = None,
     ):
         settings.validate()
+        if settings.train == TOKEN_ONLY and prompt is None:
+            raise PVAError(
+                f"train {TOKEN_ONLY!r}: give a prompt with the person token; there is nothing else to train."
+            )
         super().__init__(
             model_patcher,
             pva,
@@ -118,6 +130,7 @@ class Personalizer(TrainingSession):
         self.settings = settings
         self.data = data
         self.targets = targets
+        self.identity = settings.train != TOKEN_ONLY  # the identity path in the loss
 
     def activation_positions(self) -> int:
         _, latent = self.targets[0]
@@ -141,11 +154,12 @@ class Personalizer(TrainingSession):
         return self
 
     def target_loss(
-        self, target: int, generator: torch.Generator, face_only: bool | None = None
+        self, target: int, generator: torch.Generator, face_only: bool | None = None, identity: bool = True
     ) -> torch.Tensor:
         """Denoising loss of one target at K stratified noise levels (time-stratified
         resampling), over the face region only when `face_only` (default: only for a
-        regular, non-inpainting model)."""
+        regular, non-inpainting model); without `identity` every latent drops the identity (the
+        path of identity dropout): the base model's loss, measured through the same path."""
         bins = self.settings.time_bins
         sampling = self.patched.get_model_object("model_sampling")
         sigmas = stratified_sigmas(sampling, bins, generator).to(self.device)
@@ -160,7 +174,8 @@ class Personalizer(TrainingSession):
         weight = (
             face_weight(self.data.masks[target][None].to(self.device), x0.shape[-2:]) if face_only else None
         )
-        return self.loss(TrainingBatch(conds, x0, sigmas, noise, face_weight=weight), tokens)
+        keep = None if identity else torch.zeros(bins, dtype=torch.bool)
+        return self.loss(TrainingBatch(conds, x0, sigmas, noise, keep=keep, face_weight=weight), tokens)
 
     def optimizer_groups(self) -> list[dict]:
         """AdamW groups: each trained part at its own learning rate; no weight decay on the
@@ -191,7 +206,7 @@ class Personalizer(TrainingSession):
             total = 0.0
             for j in range(settings.batch_size):
                 target = (step * settings.batch_size + j) % self.data.count  # rotate the references
-                loss = self.target_loss(target, generator) / settings.batch_size
+                loss = self.target_loss(target, generator, identity=self.identity) / settings.batch_size
                 loss.backward()
                 total += loss.item()
             if not math.isfinite(total):
@@ -207,14 +222,20 @@ class Personalizer(TrainingSession):
 
     @torch.no_grad()
     def held_out_loss(
-        self, target: int, seed: int = 1234, repeats: int = 2, face_only: bool | None = None
+        self,
+        target: int,
+        seed: int = 1234,
+        repeats: int = 2,
+        face_only: bool | None = None,
+        identity: bool = True,
     ) -> float:
         """Loss on fixed noise and timesteps (no dropout), to measure what training did."""
         self.pva.eval()
         try:
             generator = torch.Generator().manual_seed(seed)
             return (
-                sum(self.target_loss(target, generator, face_only).item() for _ in range(repeats)) / repeats
+                sum(self.target_loss(target, generator, face_only, identity).item() for _ in range(repeats))
+                / repeats
             )
         finally:
             self.pva.train()

@@ -14,6 +14,11 @@ from ..method.model import PVAModel
 from ..method.person_token import check_token_name
 
 RECIPES = ("auto", "PVA only", "PVA + person token")
+# The learning rate of the PVA parameters from scratch (a never-trained encoder and projections
+# copied from the base): the rate measured on the test world for pretraining and personalization
+# (bench/personalization_from_scratch.py); the node's default 1e-4 is the paper's, for a
+# pretrained PVA model. The shipped from-scratch workflow sets it.
+FROM_SCRATCH_LEARNING_RATE = 1e-3
 
 
 def resolve_recipe(recipe: str, pva: PVAModel, person_token: str) -> tuple[bool, str]:

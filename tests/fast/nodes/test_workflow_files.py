@@ -43,3 +43,20 @@ def test_note_says_which_model_files_to_load_and_where(name):
                 assert node["inputs"][key] in text, f"{name}: the note does not mention {node['inputs'][key]}"
     if any(node["class_type"] == "PVAModelLoader" for node in api_file(name).values()):
         assert "models/pva" in text
+
+
+def test_the_from_scratch_workflow_trains_at_the_measured_rates():
+    """Its Quick Personalize runs the recipe the acceptance test measured: learning rates of the
+    PVA parameters and the token, and the default step count."""
+    from pva.training.personalize import TrainingSettings
+    from pva.training.recipe import FROM_SCRATCH_LEARNING_RATE
+
+    (node,) = [
+        n
+        for n in api_file("pva_personalize_from_scratch").values()
+        if n["class_type"] == "PVAQuickPersonalize"
+    ]
+    inputs = node["inputs"]
+    assert inputs["learning_rate"] == FROM_SCRATCH_LEARNING_RATE
+    assert inputs["token_learning_rate"] == TrainingSettings().token_learning_rate
+    assert inputs["steps"] == TrainingSettings().steps and inputs["recipe"] == "auto"

@@ -106,6 +106,42 @@ def test_the_token_trains_through_the_text_encoder_and_leaves_it_and_the_unet_un
     assert torch.allclose(still.pva.person_token.vectors["clip_l"], start.vectors["clip_l"], atol=1e-12)
 
 
+def test_token_only_trains_the_word_alone_with_the_identity_path_off(checkpoint):
+    """The textual-inversion control of the bench: the PVA parameters keep their values, the
+    token moves, and its loss is the base model's (identity dropped) at every step: the same
+    losses whatever the identity encoder holds (a scrambled encoder is the control). Without a
+    prompt there is nothing to train, and that is named."""
+    from pva.training.personalize import TOKEN_ONLY
+
+    model, clip = checkpoint
+    person = synthetic_person((0.2, 0.7, 0.3), seed=2)
+    settings = TrainingSettings(steps=4, learning_rate=1e-3, time_bins=2, train=TOKEN_ONLY)
+    pva = PVAModel.initialize_from(model, num_tokens=4, seed=0, encoder_depth=1)
+    scrambled = copy.deepcopy(pva)
+    with torch.no_grad():
+        for parameter in scrambled.identity_encoder.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    results = [
+        personalize(
+            model, tiny_vae(), None, person, p, settings, prompt=TokenPrompt(clip, PROMPT, a_token(clip))
+        )
+        for p in (pva, scrambled)
+    ]
+    for key, value in results[0].pva.state_dict().items():
+        if not key.startswith("person_token"):
+            assert torch.equal(value, pva.state_dict()[key]), key
+    assert not torch.equal(results[0].pva.person_token.vectors["clip_l"], a_token(clip).vectors["clip_l"])
+    assert results[0].losses == results[1].losses
+    both = personalize(
+        model, tiny_vae(), None, person, scrambled, TrainingSettings(steps=4, learning_rate=1e-3, time_bins=2),
+        prompt=TokenPrompt(clip, PROMPT, a_token(clip)),
+    )  # fmt: skip
+    assert both.losses[0] != results[1].losses[0]  # with the identity on, the encoder does matter
+    with pytest.raises(PVAError, match="person token only"):
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize("photo of a person"))
+        personalize(model, tiny_vae(), positive, person, pva, settings)
+
+
 def test_the_token_travels_in_the_pva_file_and_only_such_files_are_version_2(checkpoint, tmp_path):
     model, clip = checkpoint
     pva = PVAModel.initialize_from(model, num_tokens=4, seed=0, encoder_depth=1)
