@@ -70,6 +70,7 @@ def parse_args(argv=None):  # noqa: ANN001, ANN201
     )
     parser.add_argument("--token-learning-rate", type=float, default=2e-2)
     parser.add_argument("--time-bins", type=int, default=4)
+    parser.add_argument("--mirror", action="store_true", help="PVA/token methods: flip augmentation")
     parser.add_argument("--jobs", type=int, default=2, help="methods run in this many processes at once")
     parser.add_argument("--method", help=argparse.SUPPRESS)  # one method in this process
     # JSON: the LoRA's wall-clock budget per person/seed/steps (pva+token's seconds)
@@ -155,7 +156,7 @@ def measure_method(bench, args, method: str) -> list[dict]:  # noqa: ANN001
                 keep_at = [PRETRAINED_STEPS] if method == "pretrained" else args.steps
                 settings = TrainingSettings(
                     steps=max(keep_at), learning_rate=args.learning_rate, time_bins=args.time_bins, seed=seed,
-                    token_learning_rate=args.token_learning_rate, train=TOKEN_ONLY if method == "token" else "both",
+                    token_learning_rate=args.token_learning_rate, train=TOKEN_ONLY if method == "token" else "both", mirror=args.mirror,
                 )  # fmt: skip
                 snapshots = train(bench, origin, token, train_data, settings, keep_at)
                 models = {n: ((bench.model, pva), seconds, n) for n, (pva, seconds) in snapshots.items()}
@@ -286,7 +287,7 @@ def spawn(args, method: str, extra: tuple[str, ...] = ()) -> subprocess.Popen:  
     command = [sys.executable, __file__, "--method", method, "--people", str(args.people),
                "--seeds", *map(str, args.seeds), "--steps", *map(str, args.steps),
                "--learning-rate", str(args.learning_rate), "--token-learning-rate", str(args.token_learning_rate),
-               "--time-bins", str(args.time_bins), *extra]  # fmt: skip
+               "--time-bins", str(args.time_bins), *(["--mirror"] if args.mirror else []), *extra]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
 

@@ -22,18 +22,39 @@ class PersonalizationData:
     masks: torch.Tensor  # [N, R, R] whole-face inpainting masks, 0/1
     embeddings: torch.Tensor  # [N, 512] FaceNet embeddings of the references
     flipped_embeddings: torch.Tensor  # [N, 512] of the mirrored faces (the one-photo rule)
+    mirrored_targets: bool = False  # the second half of the targets mirrors the first
 
     @property
     def count(self) -> int:
+        """Targets (each photo, and with mirrored targets each photo's mirror image)."""
         return self.pixels.shape[0]
 
+    @property
+    def photos(self) -> int:
+        return self.count // 2 if self.mirrored_targets else self.count
+
     def references_for(self, target: int) -> torch.Tensor:
-        """Embeddings the target is reconstructed from: every other photo, or with a single
-        photo its horizontal flip (the method's rule)."""
-        if self.count == 1:
-            return self.flipped_embeddings
-        keep = [i for i in range(self.count) if i != target]
+        """Embeddings the target is reconstructed from: every other photo (never the target's
+        own photo, mirrored or not), or with a single photo its horizontal flip (the method's
+        rule)."""
+        if self.photos == 1:
+            return self.flipped_embeddings[target : target + 1]
+        photo = target % self.photos
+        keep = [i for i in range(self.photos) if i != photo]
         return self.embeddings[keep]
+
+    def with_mirrored_targets(self) -> "PersonalizationData":
+        """Each photo's mirror image as a target too (flip augmentation; a face's identity does
+        not change in a mirror, and FaceNet's embedding of the mirror is already known)."""
+        if self.mirrored_targets:
+            return self
+        return PersonalizationData(
+            torch.cat([self.pixels, self.pixels.flip(2)]),
+            torch.cat([self.masks, self.masks.flip(2)]),
+            torch.cat([self.embeddings, self.flipped_embeddings]),
+            torch.cat([self.flipped_embeddings, self.embeddings]),
+            mirrored_targets=True,
+        )
 
 
 def prepare_personalization_data(

@@ -42,6 +42,7 @@ class TrainingSettings:
     time_bins: int = 4  # K: each target is used at one timestep from each of K bins
     seed: int = 0
     train: str = "both"
+    mirror: bool = False  # each photo's mirror image trains too (flip augmentation)
     gradient_checkpointing: bool = False
     mixed_precision: str = "auto"  # "auto": bf16 autocast on CUDA when supported; "none"
 
@@ -86,6 +87,11 @@ def check_latent_format(model_patcher: "ModelPatcher", vae: "VAE") -> None:
             f"vae: it makes {vae_channels}-channel latents but the MODEL ({family}) works on {model_channels}-channel "
             "latents. Connect the VAE that belongs to this checkpoint."
         )
+
+
+def training_data(data: PersonalizationData, settings: TrainingSettings) -> PersonalizationData:
+    """The targets a run trains on: the photos, and their mirror images when `mirror`."""
+    return data.with_mirrored_targets() if settings.mirror else data
 
 
 def encode_inpaint_targets(
@@ -275,6 +281,7 @@ def personalize(
             with torch.no_grad():
                 positive = prompt.encode()
         torch.manual_seed(settings.seed)  # dropout in the identity encoder
+        data = training_data(data, settings)
         targets = encode_inpaint_targets(data, vae, positive)
         with Personalizer(model_patcher, trained, data, targets, settings, prompt) as run:
             losses = run.train(on_step)
@@ -297,7 +304,8 @@ def personalize(
             batch_size=settings.batch_size,
             seed=settings.seed,
             train=settings.train,
-            references=data.count,
+            **({"mirror": True} if settings.mirror else {}),
+            references=data.photos,
             final_loss=losses[-1],
         ),
     )

@@ -22,7 +22,7 @@ from pva.method.model import PVAModel
 from pva.method.person_token import PersonToken
 from pva.training.data import PersonalizationData, prepare_personalization_data
 from pva.training.person_prompt import TokenPrompt
-from pva.training.personalize import Personalizer, TrainingSettings, encode_inpaint_targets
+from pva.training.personalize import Personalizer, TrainingSettings, encode_inpaint_targets, training_data
 from pva.training.session import training_mode
 
 TOKEN = "test_person"
@@ -111,6 +111,7 @@ def train(
         with torch.no_grad():
             positive = world.positive(token)
         torch.manual_seed(settings.seed)
+        data = training_data(data, settings)
         targets = encode_inpaint_targets(data, world.vae, positive)
         with Personalizer(world.model, trained, data, targets, settings, prompt) as run:
             clock = {"spent": 0.0, "since": time.perf_counter()}

@@ -24,7 +24,7 @@ from pva.faces.embeddings import embed_photos
 from pva.faces.facenet import embed_faces
 from pva.method.encoder import IdentityEncoder
 from pva.method.model import PVAModel
-from pva.training.data import prepare_personalization_data
+from pva.training.data import PersonalizationData, prepare_personalization_data
 from pva.training.personalize import (
     Personalizer,
     TrainingSettings,
@@ -126,6 +126,44 @@ def test_several_photos_are_reconstructed_from_each_other(facenet):
     assert data.count == 2
     assert torch.equal(data.references_for(0), data.embeddings[1:])
     assert torch.equal(data.references_for(1), data.embeddings[:1])
+
+
+def test_mirrored_targets_never_see_their_own_photo(monkeypatch, vae):
+    """Flip augmentation: each photo and its mirror image are targets (the mirror's pixels and
+    mask flipped), each reconstructed from the *other* photos' embeddings only, never its own
+    photo's nor that photo's mirror (that would leak the answer); one photo alone keeps the
+    method's rule, its mirror image's embedding. Training with `mirror` reaches every target."""
+    three = synthetic_person((0.8, 0.3, 0.3), seed=3)
+    mirrored = three.with_mirrored_targets()
+    assert (mirrored.count, mirrored.photos) == (6, 3) and mirrored.with_mirrored_targets() is mirrored
+    assert torch.equal(mirrored.pixels[4], three.pixels[1].flip(1)) and torch.equal(
+        mirrored.masks[4], three.masks[1].flip(1)
+    )
+    for target in range(6):
+        photo = target % 3
+        assert torch.equal(mirrored.references_for(target), three.references_for(photo))
+    one = PersonalizationData(
+        three.pixels[:1], three.masks[:1], three.embeddings[:1], three.flipped_embeddings[:1]
+    )
+    alone = one.with_mirrored_targets()
+    assert torch.equal(alone.references_for(0), one.flipped_embeddings)  # the photo from its mirror
+    assert torch.equal(alone.references_for(1), one.embeddings)  # the mirror from the photo
+    seen = []
+    monkeypatch.setattr(Personalizer, "target_loss", _recording(Personalizer.target_loss, seen))
+    model = tiny_model("sd15", in_channels=9)
+    start = PVAModel.initialize_from(model, num_tokens=4, seed=0, encoder_depth=1)
+    result = personalize(
+        model, vae, text_conditioning(model), three, start, TrainingSettings(steps=6, mirror=True)
+    )
+    assert seen == list(range(6)) and result.pva.provenance["personalized"]["mirror"] is True
+
+
+def _recording(target_loss, seen: list):  # noqa: ANN001, ANN202
+    def recorded(self, target, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(target)
+        return target_loss(self, target, *args, **kwargs)
+
+    return recorded
 
 
 # -- time-stratified sampling ----------------------------------------------------------------------
