@@ -457,8 +457,8 @@ def test_personalize_from_scratch_workflow_saves_a_token_that_stock_prompts_read
     """From an initialized PVA model, recipe auto learns a person token: the saved PVA file
     carries it, models/embeddings gets the same vectors, and a stock CLIPTextEncode reading that
     file paints exactly the picture the workflow's Encode Prompt with Person painted. Negative
-    control: the prompt without the token paints another face (by more than a tenth of another
-    sampling seed's change)."""
+    controls: the prompt with the token dropped (what ComfyUI does with a word it cannot find) and
+    with the token at its class word (the token before training) paint another face."""
     from safetensors.torch import load_file
 
     from pva.method.weights import load_pva
@@ -483,17 +483,30 @@ def test_personalize_from_scratch_workflow_saves_a_token_that_stock_prompts_read
 
     assert np.array_equal(e2e.variant(name, "stock prompt", stock_prompt), image)
 
-    def without_token(prompt: dict) -> None:
-        node = prompt[_node_id(prompt, "PVAEncodePrompt")]
-        node["class_type"] = "CLIPTextEncode"
-        del node["inputs"]["pva_model"]
-        node["inputs"]["text"] = build.POSITIVE
+    word = f"embedding:{build.PERSON_TOKEN}"
 
-    change = change_in_mask(e2e.variant(name, "without token", without_token), image)
+    def stock_prompt_reading(replacement: str) -> Callable[[dict], None]:
+        def edit(prompt: dict) -> None:
+            node = prompt[_node_id(prompt, "PVAEncodePrompt")]
+            stock_prompt(prompt)
+            assert word in node["inputs"]["text"]
+            node["inputs"]["text"] = node["inputs"]["text"].replace(word, replacement)
+
+        return edit
+
+    # What ComfyUI paints when it cannot find the file (it drops the word), and what the token
+    # painted before training (its class word): both must differ from the picture.
+    dropped = change_in_mask(e2e.variant(name, "token dropped", stock_prompt_reading("")), image)
+    untrained = change_in_mask(e2e.variant(name, "untrained token", stock_prompt_reading("person")), image)
     print(
-        f"\n[workflow e2e] {name}: the token changed the face by {change:.1f} (another seed: {seed_change(e2e):.1f})"
+        f"\n[workflow e2e] {name}: against the token dropped {dropped:.2f}, untrained {untrained:.2f} "
+        f"(another seed: {seed_change(e2e):.1f})"
     )
-    assert change > 0.1 * seed_change(e2e), change
+    # x another seed's change, on three independently seeded worlds (PVA_TEST_WORLD_SEED 0, 1, 2):
+    # dropped 0.045 .. 0.19, untrained 0.034 .. 0.092 (the identity path, trained at 1e-3, takes
+    # most of the attention); the stock prompt above shows an unchanged graph changes nothing.
+    assert dropped > 0.02 * seed_change(e2e), dropped
+    assert untrained > 0.015 * seed_change(e2e), untrained
 
 
 @pytest.mark.slow
