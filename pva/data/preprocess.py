@@ -7,20 +7,41 @@ The cache (one folder):
                                   used (key, box, 5 landmarks, probability, photo size), the photos
                                   skipped and why, and the fingerprint of the settings and photos
     report.json                   counts for the whole dataset
-Each person's file is written atomically as soon as that person is done, so a crashed or stopped
-run resumes where it stopped; a file made with other settings (another FaceNet, threshold, ...) or
-for other photos is made again. Photos without a face and unreadable files are skipped and
-counted; people with fewer than 2 usable photos are counted and left out of training.
+    reports/shard-<i>-of-<n>.json a shard's counts (sharded runs only)
+Each person's file is written atomically as soon as that person is done (a temporary
+.<person>.safetensors-<random>.tmp beside it, renamed when complete), so a crashed, stopped or
+killed run resumes where it stopped and never leaves a half-written entry; a file made with
+other settings (another FaceNet, threshold, ...) or for other photos is made again. Photos
+without a face and unreadable files are skipped and counted; people with fewer than 2 usable
+photos are counted and left out of training.
+
+Shards: several processes (on one machine, or on several machines sharing the cache folder)
+each take a share of the people, `shard=(i, n)`: person p belongs to shard
+int(sha256(p's name)[:8]) mod n, which depends on the name alone (not on the machine, the
+listing order or the other people), so n processes given 0/n .. n-1/n together cover every
+person exactly once and fill the same people/ folder an unsharded run fills. Each shard deletes
+its own reports/shard-<i>-of-<n>.json when it starts and writes it (atomically) when it is done;
+then it looks for all n shard reports made with the same settings for the same people, and
+when they are all there (the last shard to finish sees them all) it writes report.json for the
+whole dataset: their counts summed, the same report.json an unsharded run would write. Two
+shards finishing together may both write it, the same content, each atomically. A run without
+a shard reads every person file (everything reused) and writes report.json anew.
+Readers (load_faces) see only finished person files, whichever process wrote them.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import multiprocessing
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+import re
+import struct
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -36,6 +57,8 @@ from .photos import read_photo
 CACHE_FORMAT = 1
 MIN_PHOTOS = 2  # a person needs a target and at least one other photo as reference
 PEOPLE_DIR = "people"
+REPORTS_DIR = "reports"  # the shards' reports
+EXAMPLES = 5  # skipped photos named per reason in a report
 
 
 @dataclass(frozen=True)
@@ -51,9 +74,17 @@ class PreprocessSettings:
 
     def fingerprint(self) -> str:
         """What a cached embedding depends on: the FaceNet weights and the detection settings."""
-        digest = hashlib.sha256(f"{CACHE_FORMAT}:{self.threshold}:{self.min_face_size}".encode())
-        _hash_file(digest, self.facenet)
-        return digest.hexdigest()[:24]
+        return self._digests()[0]
+
+    def _digests(self) -> tuple[str, str]:
+        """(fingerprint(), facenet_digest(facenet)), the FaceNet file read once for both."""
+        settings = hashlib.sha256(f"{CACHE_FORMAT}:{self.threshold}:{self.min_face_size}".encode())
+        weights = hashlib.sha256()
+        with open(self.facenet, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                settings.update(chunk)
+                weights.update(chunk)
+        return settings.hexdigest()[:24], weights.hexdigest()
 
 
 def facenet_digest(path: str | os.PathLike) -> str:
@@ -95,7 +126,7 @@ class PreprocessReport:
         self.photos_with_several_faces += sum(p["faces_found"] > 1 for p in summary["photos"])
         for reason, keys in summary["skipped"].items():
             self.examples.setdefault(reason, [])
-            self.examples[reason] += keys[: 5 - len(self.examples[reason])]
+            self.examples[reason] += keys[: EXAMPLES - len(self.examples[reason])]
 
     def text(self) -> str:
         return (
@@ -107,28 +138,250 @@ class PreprocessReport:
         )
 
 
-@dataclass(frozen=True)
-class PersonFaces:
-    """One person's usable photos, as training reads them."""
+# -- shards ---------------------------------------------------------------------------------------
+def check_shard(shard: object, what: str = "shard") -> tuple[int, int]:
+    """(i, n) checked: n >= 1 and 0 <= i < n; PVAError naming `what` otherwise."""
+    if (
+        not isinstance(shard, (tuple, list))
+        or len(shard) != 2
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in shard)
+    ):
+        raise PVAError(f"{what}: expected (i, n), this process's shard i of n shards, got {shard!r}.")
+    index, count = shard
+    if count < 1:
+        raise PVAError(
+            f"{what}: {index}/{count} asks for {count} shards; give i/n with n >= 1 and 0 <= i < n, e.g. 0/4."
+        )
+    if not 0 <= index < count:
+        raise PVAError(
+            f"{what}: {index}/{count} names shard {index} of {count}, and the {count} shards are numbered "
+            f"0 .. {count - 1} ({'0/1' if count == 1 else f'0/{count} .. {count - 1}/{count}'})."
+        )
+    return index, count
 
-    name: str
+
+def parse_shard(text: str, what: str = "--shard") -> tuple[int, int]:
+    """'i/n' as (i, n); PVAError naming `what` for anything else ('a/b', '3/2', '0/0')."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not match:
+        raise PVAError(
+            f"{what}: expected i/n, this process's shard i of n shards (0 <= i < n, e.g. 0/4 .. 3/4), "
+            f"got {text!r}."
+        )
+    return check_shard((int(match[1]), int(match[2])), what)
+
+
+def shard_from_environment(environ: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """(RANK, WORLD_SIZE) when a launcher (torchrun, accelerate launch) set them, else None."""
+    environ = os.environ if environ is None else environ
+    world = environ.get("WORLD_SIZE")
+    if world is None:
+        return None
+    rank = environ.get("RANK")
+    what = f"RANK={rank!r} and WORLD_SIZE={world!r} (set by torchrun / accelerate launch)"
+    if rank is None:
+        raise PVAError(f"{what}: WORLD_SIZE is set without RANK; unset it or give --shard i/n.")
+    return parse_shard(f"{rank}/{world}", what)
+
+
+def shard_of(name: str, shards: int) -> int:
+    """The shard (0 .. shards - 1) person `name` belongs to: a hash of the name alone, the same
+    on every machine and whatever the other people are."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") % shards
+
+
+def shard_report_file(cache_dir: str | os.PathLike, shard: tuple[int, int]) -> Path:
+    return Path(cache_dir) / REPORTS_DIR / f"shard-{shard[0]}-of-{shard[1]}.json"
+
+
+def _people_digest(dataset: FaceDataset) -> str:
+    """Which people a shard report is a share of."""
+    return hashlib.sha256("\n".join(sorted(dataset.people)).encode("utf-8")).hexdigest()[:24]
+
+
+def _example_positions(dataset: FaceDataset, examples: dict[str, list[str]]) -> dict[str, list]:
+    """Each example's place in the dataset's order (people, then their photos): merging shards'
+    examples by it names the photos an unsharded run names."""
+    wanted = {key for keys in examples.values() for key in keys}
+    found, position = {}, 0
+    for person in dataset.people.values():
+        for photo in person.photos:
+            if photo.key in wanted:
+                found[photo.key] = position
+            position += 1
+    return {reason: [[found[key], key] for key in keys] for reason, keys in examples.items()}
+
+
+def _read_shard_report(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None  # not there (yet), or not one of ours: that shard is not done
+    return data if isinstance(data, dict) else None
+
+
+def _matching_shard_reports(cache_dir: Path, mine: dict) -> tuple[list[dict], list[int]]:
+    """The reports of all shards of `mine`'s run made with its settings for its people, and the
+    shards that have none (not finished, or finished with other settings or people)."""
+    count = mine["shard"][1]
+    reports, missing = [], []
+    for index in range(count):
+        data = _read_shard_report(shard_report_file(cache_dir, (index, count)))
+        if (
+            data is not None
+            and data.get("shard") == [index, count]
+            and data.get("settings") == mine["settings"]
+            and data.get("people") == mine["people"]
+            and isinstance(data.get("report"), dict)
+        ):
+            reports.append(data)
+        else:
+            missing.append(index)
+    return reports, missing
+
+
+def _merged(shard_reports: list[dict]) -> PreprocessReport:
+    """The whole dataset's report from its shards' reports: counts summed, the examples that
+    come first in the dataset's order."""
+    merged = PreprocessReport()
+    for f in fields(PreprocessReport):
+        if f.name != "examples":
+            setattr(merged, f.name, sum(int(r["report"].get(f.name, 0)) for r in shard_reports))
+    positions: dict[str, list] = {}
+    for data in shard_reports:
+        for reason, entries in data.get("example_positions", {}).items():
+            positions.setdefault(reason, []).extend(entries)
+    merged.examples = {
+        reason: [key for _, key in sorted(entries)[:EXAMPLES]] for reason, entries in positions.items()
+    }
+    return merged
+
+
+def shards_waited_for(cache_dir: str | os.PathLike, shard: tuple[int, int]) -> list[int]:
+    """After shard `shard` finished: the shards whose reports report.json still waits for
+    (empty: every shard is done and report.json covers the whole dataset)."""
+    mine = _read_shard_report(shard_report_file(cache_dir, shard))
+    if mine is None:
+        return list(range(shard[1]))
+    return _matching_shard_reports(Path(cache_dir), mine)[1]
+
+
+@dataclass(frozen=True)
+class _PersonData:
+    """What a person's cache file holds for training."""
+
     keys: tuple[str, ...]
-    faces: tuple[DetectedFace, ...]  # in photo coordinates
-    sizes: tuple[tuple[int, int], ...]  # (height, width) of each photo
-    embeddings: torch.Tensor  # [P, 512]
-    mirrored: torch.Tensor  # [P, 512]
-    path: Path
-    facenet: str = ""  # facenet_digest of the FaceNet that made the embeddings ("" in older caches)
+    faces: tuple[DetectedFace, ...]
+    sizes: tuple[tuple[int, int], ...]
+    embeddings: torch.Tensor
+    mirrored: torch.Tensor
+
+
+class PersonFaces:
+    """One person's usable photos, as training reads them: name, keys, faces (in photo
+    coordinates), sizes ((height, width) of each photo), embeddings [P, 512], mirrored [P, 512]
+    (of the mirror images), path (the cache file) and facenet (facenet_digest of the FaceNet
+    that made the embeddings; "" in older caches).
+
+    Made by load_faces, it holds only the name, the photo count and which file it is: keys,
+    faces, sizes and the embeddings are read from the file when used (a few kB, the last few
+    hundred people's kept in a small cache), so a dataset of 100k people does not hold
+    gigabytes of embeddings and millions of face records in every process. Made with all of
+    them given, it holds what it was given."""
+
+    __slots__ = ("_count", "_facenet", "_held", "_identity", "_name", "_path")
+
+    def __init__(
+        self,
+        name: str,
+        keys: tuple[str, ...],
+        faces: tuple[DetectedFace, ...],
+        sizes: tuple[tuple[int, int], ...],
+        embeddings: torch.Tensor,
+        mirrored: torch.Tensor,
+        path: Path,
+        facenet: str = "",
+    ):
+        self._name, self._path, self._facenet = name, str(path), facenet
+        self._held = _PersonData(tuple(keys), tuple(faces), tuple(sizes), embeddings, mirrored)
+        self._count, self._identity = len(self._held.keys), None
+
+    @classmethod
+    def _from_file(cls, name: str, path: Path, facenet: str, count: int, identity: tuple) -> PersonFaces:
+        person = cls.__new__(cls)
+        person._name, person._path, person._facenet = name, str(path), sys.intern(facenet)
+        person._count, person._identity, person._held = count, identity, None
+        return person
+
+    def __reduce__(self) -> tuple:  # (data-loader workers get a copy: the file's place, not its data)
+        return _restore_person_faces, (
+            self._name,
+            self._path,
+            self._facenet,
+            self._count,
+            self._identity,
+            self._held,
+        )
+
+    def _data(self) -> _PersonData:
+        return self._held if self._held is not None else _person_data(self._path, self._identity)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def path(self) -> Path:
+        return Path(self._path)
+
+    @property
+    def facenet(self) -> str:
+        return self._facenet
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return self._data().keys
+
+    @property
+    def faces(self) -> tuple[DetectedFace, ...]:
+        return self._data().faces
+
+    @property
+    def sizes(self) -> tuple[tuple[int, int], ...]:
+        return self._data().sizes
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        return self._data().embeddings
+
+    @property
+    def mirrored(self) -> torch.Tensor:
+        return self._data().mirrored
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return self._count
+
+    def __repr__(self) -> str:
+        return f"PersonFaces({self._name!r}, {self._count} photos, {self._path})"
 
     def crops(self, indices: Iterable[int]) -> torch.Tensor:
         """The aligned crops FaceNet saw, standardized for it, [len(indices), 3, 160, 160]."""
-        with safe_open(str(self.path), framework="pt") as f:
+        if self._identity is not None and _file_identity(os.stat(self._path)) != self._identity:
+            raise _changed_error(self._path)
+        with safe_open(self._path, framework="pt") as f:
             stored = f.get_slice("crops")
             pixels = torch.stack([stored[i] for i in indices])
         return (pixels.float() - 127.5) / 128
+
+
+def _restore_person_faces(
+    name: str, path: str, facenet: str, count: int, identity: tuple | None, held: _PersonData | None
+) -> PersonFaces:
+    if held is not None:
+        return PersonFaces(
+            name, held.keys, held.faces, held.sizes, held.embeddings, held.mirrored, path, facenet
+        )
+    return PersonFaces._from_file(name, Path(path), facenet, count, identity)
 
 
 def person_file(cache_dir: Path, name: str) -> Path:
@@ -138,7 +391,7 @@ def person_file(cache_dir: Path, name: str) -> Path:
 def _photos_fingerprint(person: Person) -> str:
     digest = hashlib.sha256()
     for photo in person.photos:
-        stat = photo.path.stat()
+        stat = os.stat(photo.path)
         digest.update(f"{photo.key}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:24]
 
@@ -177,13 +430,157 @@ def read_person_file(path: Path) -> tuple[dict, torch.Tensor, torch.Tensor]:
     return summary, embeddings, mirrored
 
 
+# A person file's tensors: (dtype, bytes per element, shape after the photo count).
+_TENSORS = {
+    "embeddings": ("F32", 4, (512,)),
+    "mirrored": ("F32", 4, (512,)),
+    "crops": ("U8", 1, (3, 160, 160)),
+}
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit
+
+
+@dataclass(frozen=True)
+class _Header:
+    summary: dict
+    data_start: int  # where the tensors' bytes begin
+    ranges: dict[str, tuple[int, int]]  # each tensor's bytes, from data_start
+    identity: tuple[int, int, int, int]  # (device, inode, size, mtime): which file it was
+
+
+def _file_identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _read_header(f) -> _Header:  # noqa: ANN001
+    """A person file's header, checked without reading its tensors: what read_person_file checks
+    bar the embeddings' values (a truncated copy, a pickle, a foreign or inconsistent file all
+    fail here, by the header's own byte ranges against the file's size). DamagedCacheFile."""
+    stat = os.fstat(f.fileno())
+    try:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < length <= min(stat.st_size - 8, _MAX_HEADER):
+            raise DamagedCacheFile(
+                f"cannot be read as a .safetensors file (a header of {length} bytes in a file of {stat.st_size})"
+            )
+        header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except DamagedCacheFile:
+        raise
+    except (OSError, ValueError) as error:  # json, utf-8
+        raise DamagedCacheFile(f"cannot be read as a .safetensors file ({error})") from None
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or metadata.get("format") != "comfyui-pva-faces":
+        raise DamagedCacheFile("not a face-cache file of this pack (no 'comfyui-pva-faces' header)")
+    try:
+        summary = json.loads(metadata.get("summary", "null"))
+    except (TypeError, ValueError) as error:
+        raise DamagedCacheFile(f"its header is damaged ({error})") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("photos"), list):
+        raise DamagedCacheFile("its header has no list of photos")
+    count = len(summary["photos"])
+    data_start, data_size = 8 + length, stat.st_size - 8 - length
+    ranges, end = {}, 0
+    for name, (dtype, size, shape) in _TENSORS.items():
+        entry = header.get(name)
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise DamagedCacheFile(
+                f"cannot be read as a .safetensors file (no tensor {name!r} in its header)"
+            )
+        if entry.get("shape") != [count, *shape]:
+            raise DamagedCacheFile(f"{name} has shape {entry.get('shape')} for {count} photos")
+        if entry.get("dtype") != dtype:
+            raise DamagedCacheFile(f"{name} is {entry.get('dtype')}, not {dtype}")
+        begin, stop = offsets
+        if not 0 <= begin <= stop or stop - begin != count * size * math.prod(shape):
+            raise DamagedCacheFile(f"cannot be read as a .safetensors file ({name}'s byte range {offsets})")
+        ranges[name], end = (begin, stop), max(end, stop)
+    if end != data_size:
+        raise DamagedCacheFile(
+            f"cannot be read as a .safetensors file (its tensors take {end} bytes, the file holds {data_size}"
+            f"{': a truncated copy' if end > data_size else ''})"
+        )
+    return _Header(summary, data_start, ranges, _file_identity(stat))
+
+
+def _checked_header(path: Path) -> _Header:
+    try:
+        with open(path, "rb") as f:
+            return _read_header(f)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise DamagedCacheFile(f"cannot be read ({error.strerror})") from None
+
+
+def _photo_entries(summary: dict) -> tuple[tuple, tuple, tuple]:
+    """(keys, faces, sizes) of the photos in a person file's header; KeyError, TypeError or
+    ValueError when an entry is incomplete."""
+    photos = summary["photos"]
+    faces = tuple(
+        DetectedFace(tuple(p["box"]), tuple(tuple(q) for q in p["landmarks"]), p["probability"])
+        for p in photos
+    )
+    return tuple(p["key"] for p in photos), faces, tuple(tuple(p["size"]) for p in photos)
+
+
+def _damaged_cache_error(path: Path, error: Exception) -> PVAError:
+    what = error if isinstance(error, DamagedCacheFile) else f"a photo's entry is incomplete ({error!r})"
+    return PVAError(
+        f"{path}: {what}; run scripts/preprocess_faces.py again with the same --cache, which "
+        "makes damaged files again."
+    )
+
+
+def _changed_error(path: str) -> PVAError:
+    return PVAError(
+        f"{path}: the face-cache file changed after load_faces read it (was the cache preprocessed "
+        "again while this ran?); start this run again."
+    )
+
+
+@functools.lru_cache(maxsize=256)  # a sample reads its person several times; bounded memory
+def _person_data(path: str, identity: tuple) -> _PersonData:
+    """A person's photos and embeddings, read from their file, which must still be the file
+    load_faces checked."""
+    try:
+        with open(path, "rb") as f:
+            if _file_identity(os.fstat(f.fileno())) != identity:
+                raise _changed_error(path)
+            header = _read_header(f)
+            tensors = {}
+            for name in ("embeddings", "mirrored"):
+                begin, stop = header.ranges[name]
+                f.seek(header.data_start + begin)
+                data = bytearray(f.read(stop - begin))
+                tensors[name] = torch.frombuffer(data, dtype=torch.float32).reshape(-1, 512)
+        if not all(torch.isfinite(t).all() for t in tensors.values()):
+            # the header was fine, so preprocessing would reuse the file: it must go first
+            raise PVAError(
+                f"{path}: its embeddings are not finite numbers; delete it and run "
+                "scripts/preprocess_faces.py again with the same --cache, which makes it again."
+            )
+        return _PersonData(*_photo_entries(header.summary), tensors["embeddings"], tensors["mirrored"])
+    except OSError as error:
+        raise PVAError(
+            f"{path}: the face-cache file cannot be read any more ({error.strerror}); was the cache "
+            "moved or preprocessed again while this ran? Start this run again."
+        ) from None
+    except (DamagedCacheFile, KeyError, TypeError, ValueError) as error:
+        if isinstance(error, PVAError):
+            raise
+        raise _damaged_cache_error(Path(path), error) from None
+
+
 def _cached_summary(path: Path, fingerprint: str) -> tuple[dict | None, bool]:
     """(The header of a finished person file made with these settings and photos, or None;
-    whether a file was there but damaged, and is to be made again.)"""
-    if not path.is_file():
-        return None, False
+    whether a file was there but damaged, and is to be made again.) Reads the header alone."""
     try:
-        summary, _, _ = read_person_file(path)
+        summary = _checked_header(path).summary
+    except FileNotFoundError:
+        return None, False
     except DamagedCacheFile:
         return None, True
     return (summary if summary.get("fingerprint") == fingerprint else None), False
@@ -282,22 +679,35 @@ def preprocess_dataset(
     cache_dir: str | os.PathLike,
     settings: PreprocessSettings,
     on_person: Callable[[PreprocessReport], None] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> PreprocessReport:
     """Fill the cache for every person of the dataset (all splits: validation and evaluation
-    read it too), reusing what an earlier run finished; write report.json."""
+    read it too), reusing what an earlier run finished; write report.json.
+
+    shard=(i, n): only the people of shard i of n (see the module's docstring); the report
+    returned and written to reports/shard-<i>-of-<n>.json is the shard's, and report.json is
+    written for the whole dataset by the shard that finds every shard's report there."""
     cache_dir = Path(cache_dir)
+    shard = None if shard is None else check_shard(shard)
+    if shard is not None and shard[1] == 1:
+        shard = None  # one shard is the whole dataset
     if not Path(settings.facenet).is_file():
         raise PVAError(
             f"facenet: {settings.facenet} not found; give the FaceNet weights file (.pt or .safetensors)."
         )
     make_writable_folder(cache_dir, "cache")
     (cache_dir / PEOPLE_DIR).mkdir(exist_ok=True)
-    fingerprint = settings.fingerprint()
+    if shard is not None:
+        # this shard is being made again: report.json must wait for it
+        shard_report_file(cache_dir, shard).unlink(missing_ok=True)
+    fingerprint, weights = settings._digests()
     worker_settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}
-    worker_settings["facenet_digest"] = facenet_digest(settings.facenet)
+    worker_settings["facenet_digest"] = weights
     report = PreprocessReport()
     jobs = []
     for person in dataset.people.values():
+        if shard is not None and shard_of(person.name, shard[1]) != shard[0]:
+            continue
         person_fingerprint = f"{fingerprint}:{_photos_fingerprint(person)}"
         out = person_file(cache_dir, person.name)
         cached, damaged = _cached_summary(out, person_fingerprint)
@@ -326,41 +736,45 @@ def preprocess_dataset(
                 report.add(summary, reused=False)
                 if on_person:
                     on_person(report)
-    write_json_atomically(cache_dir / "report.json", asdict(report))
+    if shard is None:
+        write_json_atomically(cache_dir / "report.json", asdict(report))
+        return report
+    mine = {
+        "shard": list(shard),
+        "settings": fingerprint,
+        "people": _people_digest(dataset),
+        "report": asdict(report),
+        "example_positions": _example_positions(dataset, report.examples),
+    }
+    write_json_atomically(shard_report_file(cache_dir, shard), mine)
+    reports, missing = _matching_shard_reports(cache_dir, mine)
+    if not missing:  # the last shard to finish: the whole dataset's report
+        write_json_atomically(cache_dir / "report.json", asdict(_merged(reports)))
     return report
 
 
 def load_faces(cache_dir: str | os.PathLike, people: Iterable[str]) -> dict[str, PersonFaces]:
-    """The cached faces of `people` with at least MIN_PHOTOS usable photos."""
+    """The cached faces of `people` with at least MIN_PHOTOS usable photos. Every file's header
+    is read and checked now (a damaged one is named here, not hours into training); the photos'
+    records and embeddings are read again when used (see PersonFaces)."""
     cache_dir = Path(cache_dir)
     loaded = {}
     missing = []
     for name in people:
         path = person_file(cache_dir, name)
-        if not path.is_file():
+        try:
+            header = _checked_header(path)
+            _photo_entries(header.summary)  # checked, not kept
+            facenet = str(header.summary.get("facenet", ""))
+        except FileNotFoundError:
             missing.append(name)
             continue
-        try:
-            summary, embeddings, mirrored = read_person_file(path)
-            photos = summary["photos"]
-            faces = tuple(
-                DetectedFace(tuple(p["box"]), tuple(tuple(q) for q in p["landmarks"]), p["probability"])
-                for p in photos
-            )
-            keys, sizes = tuple(p["key"] for p in photos), tuple(tuple(p["size"]) for p in photos)
         except (DamagedCacheFile, KeyError, TypeError, ValueError) as error:
-            what = (
-                error if isinstance(error, DamagedCacheFile) else f"a photo's entry is incomplete ({error!r})"
-            )
-            raise PVAError(
-                f"{path}: {what}; run scripts/preprocess_faces.py again with the same --cache, which "
-                "makes damaged files again."
-            ) from None
-        if len(photos) < MIN_PHOTOS:
+            raise _damaged_cache_error(path, error) from None
+        count = len(header.summary["photos"])
+        if count < MIN_PHOTOS:
             continue
-        loaded[name] = PersonFaces(
-            name, keys, faces, sizes, embeddings, mirrored, path, summary.get("facenet", "")
-        )
+        loaded[name] = PersonFaces._from_file(name, path, facenet, count, header.identity)
     if missing:
         raise PVAError(
             f"cache {cache_dir}: {len(missing)} people of the dataset were never preprocessed (e.g. {missing[0]!r}); "

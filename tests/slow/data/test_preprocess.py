@@ -168,3 +168,183 @@ def test_bad_inputs_are_explained(messy_dataset, facenet_file, tmp_path):
         preprocess_dataset(dataset, blocker / "cache", PreprocessSettings(facenet=facenet_file))
     with pytest.raises(PVAError, match="were never preprocessed .*preprocess_faces.py"):
         load_faces(tmp_path / "empty-cache", dataset.people)
+
+
+# -- a killed run, shards -------------------------------------------------------------------------
+# Runs scripts/preprocess_faces.py in a process of its own whose writer of the person files
+# stops half-way through person number `stop_at`'s file and waits there to be killed: what a
+# SIGKILL (an OOM kill, a pre-empted machine) leaves in the middle of a write.
+KILLED_DRIVER = """
+import runpy, sys, time
+from pathlib import Path
+import pva.data.preprocess as preprocess
+
+script, marker, stop_at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+real, calls = preprocess.save_safetensors, []
+
+def save_then_stall(tensors, path, metadata):
+    calls.append(path)
+    real(tensors, path, metadata)
+    if len(calls) == stop_at:
+        written = Path(path).read_bytes()
+        Path(path).write_bytes(written[: len(written) // 2])
+        Path(f"{marker}.part").write_text(str(path))
+        Path(f"{marker}.part").rename(marker)  # whole, whenever the kill comes
+        time.sleep(600)
+
+preprocess.save_safetensors = save_then_stall
+sys.argv = [script, *sys.argv[4:]]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def _entries(cache: Path) -> dict[str, bytes]:
+    """The person files a reader takes as entries (hidden temporary files are not entries)."""
+    return {
+        p.name: p.read_bytes()
+        for p in (cache / "people").iterdir()
+        if p.suffix == ".safetensors" and not p.name.startswith(".")
+    }
+
+
+def _report(cache: Path, **replaced) -> dict:
+    """report.json, with some counts replaced (e.g. people_reused, which differs in a resumed run)."""
+    return {**json.loads((cache / "report.json").read_text()), **replaced}
+
+
+@pytest.fixture
+def four_people(tmp_path) -> Path:
+    from harness.synthetic_people import write_people
+
+    return write_people(tmp_path / "four", people=4, photos=3)
+
+
+def test_a_killed_run_leaves_no_half_entry_and_the_next_run_completes_the_cache(
+    four_people, facenet_file, tmp_path
+):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from harness.host import REPO_ROOT
+
+    from pva.data.preprocess import DamagedCacheFile, read_person_file
+
+    settings = PreprocessSettings(facenet=facenet_file, min_face_size=20, threads=1)
+    dataset = open_dataset(four_people)
+    uninterrupted = tmp_path / "uninterrupted"
+    preprocess_dataset(dataset, uninterrupted, settings)
+
+    cache, marker = tmp_path / "cache", tmp_path / "stalled-in"
+    command = [
+        sys.executable, "-c", KILLED_DRIVER, str(REPO_ROOT / "scripts" / "preprocess_faces.py"), str(marker), "3",
+        "--data", str(four_people), "--facenet", str(facenet_file), "--cache", str(cache),
+        "--min-face-size", "20", "--threads", "1",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 300  # not a timing assertion: a hung run must not hang the suite
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not marker.exists():
+            process.kill()
+            pytest.fail(f"the run never reached its third person:\n{process.communicate()[0][-3000:]}")
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+    # every entry reads back complete: two people finished, the third died half-way through
+    entries = _entries(cache)
+    for name in entries:
+        try:
+            summary, embeddings, _ = read_person_file(cache / "people" / name)
+        except DamagedCacheFile as error:
+            pytest.fail(f"people/{name} is a half-written entry: {error}")
+        assert summary["person"] == name.removesuffix(".safetensors")
+        assert embeddings.shape == (len(summary["photos"]), 512)
+    assert len(entries) == 2, sorted(entries)
+    # the half-written file is a hidden temporary file, and the only file that is not an entry
+    half = Path(marker.read_text())
+    assert half.exists() and half.parent == cache / "people"
+    assert half.name.startswith(".") and half.name.endswith(".tmp"), half.name
+    visible = sorted(p.name for p in (cache / "people").iterdir() if not p.name.startswith("."))
+    assert visible == sorted(entries)
+    assert [p.name for p in (cache / "people").iterdir() if p.name.startswith(".")] == [half.name]
+    finished = [n.removesuffix(".safetensors") for n in entries]
+    assert sorted(load_faces(cache, finished)) == sorted(finished)
+    with pytest.raises(PVAError, match="2 people of the dataset were never preprocessed"):
+        load_faces(cache, dataset.people)
+    assert not (cache / "report.json").exists()  # the run did not finish
+
+    # the next run reuses the finished people and makes the same cache as the uninterrupted run
+    report = preprocess_dataset(open_dataset(four_people), cache, settings)
+    assert (report.people, report.people_reused, report.people_damaged) == (4, 2, 0)
+    assert _entries(cache) == _entries(uninterrupted)
+    assert _report(cache, people_reused=0) == _report(uninterrupted)
+    assert sorted(load_faces(cache, dataset.people)) == sorted(dataset.people)
+
+
+def test_two_shards_fill_the_cache_an_unsharded_run_fills(
+    messy_dataset, facenet_file, tmp_path, monkeypatch, capsys
+):
+    import importlib.util
+
+    from harness.host import REPO_ROOT
+
+    from pva.data.preprocess import shard_of, shard_report_file, shards_waited_for
+
+    # skipped photos in both shards, so that the report's examples come from both
+    _save(np.full((96, 96, 3), 60, np.uint8), messy_dataset / "p2" / "blank.png")
+    dataset = open_dataset(messy_dataset)
+    settings = PreprocessSettings(facenet=facenet_file, min_face_size=20, threads=1)
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    preprocess_dataset(dataset, whole, settings)
+    shares = {i: sorted(n for n in dataset.people if shard_of(n, 2) == i) for i in (0, 1)}
+    assert shares == {0: ["p0", "p2"], 1: ["lonely", "p1"]}  # both shards have work, and skipped photos
+
+    first = preprocess_dataset(dataset, sharded, settings, shard=(0, 2))
+    assert (first.people, first.photos_unreadable, first.photos_without_face) == (2, 1, 1)
+    assert sorted(_entries(sharded)) == [f"{n}.safetensors" for n in shares[0]]
+    assert not (sharded / "report.json").exists()  # not before every shard is done
+    assert shards_waited_for(sharded, (0, 2)) == [1]
+
+    # the second shard through the script, as torchrun / accelerate launch would start it
+    spec = importlib.util.spec_from_file_location(
+        "preprocess_faces", REPO_ROOT / "scripts" / "preprocess_faces.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["--data", str(messy_dataset), "--facenet", str(facenet_file), "--cache", str(sharded)]
+    assert script.main([*argv, "--min-face-size", "20", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "shard 1/2: 2 of the 4 people" in out and "every shard is done" in out
+    assert json.loads(shard_report_file(sharded, (1, 2)).read_text())["report"]["people"] == 2
+
+    # the same person files, byte for byte, and the same report.json (counts and examples)
+    assert _report(whole)["examples"]["no_face"] == ["lonely/1.png", "p1/wall.png", "p2/blank.png"]
+    assert _entries(sharded) == _entries(whole)
+    assert _report(sharded) == _report(whole)
+    assert shards_waited_for(sharded, (0, 2)) == []
+    faces, expected = load_faces(sharded, dataset.people), load_faces(whole, dataset.people)
+    assert sorted(faces) == sorted(expected) == ["p0", "p1", "p2"]
+    for name, person in faces.items():
+        assert person.keys == expected[name].keys and person.faces == expected[name].faces
+        assert torch.equal(person.embeddings, expected[name].embeddings)
+
+    # a shard run again with other settings makes report.json wait for the other shard again
+    other = PreprocessSettings(facenet=facenet_file, min_face_size=20, threads=1, threshold=0.95)
+    (sharded / "report.json").unlink()
+    preprocess_dataset(dataset, sharded, other, shard=(1, 2))
+    assert not (sharded / "report.json").exists()
+    assert shards_waited_for(sharded, (1, 2)) == [0]
