@@ -122,3 +122,32 @@ def test_celebahq_idi_annotation_must_match_the_export(tmp_path):
     (root / "annotation" / "idi-5.json").write_text(json.dumps({"ids": []}))
     with pytest.raises(PVAError, match="no train_ids / val_ids / test_ids"):
         open_dataset(root)
+
+
+def test_folder_listing_takes_files_and_links_to_files_only(tmp_path):
+    """The folders are listed once each (no stat per photo); what counts as a photo or a caption
+    is what Path.is_file says: a link to a photo counts, a dangling link or a folder does not."""
+    root = _folders(tmp_path / "people", people=2, photos=2)
+    elsewhere = _image(tmp_path / "elsewhere" / "shot.jpg")
+    (root / "person00" / "linked.jpg").symlink_to(elsewhere)
+    (root / "person00" / "dangling.png").symlink_to(tmp_path / "missing.png")
+    (root / "person00" / "folder.png").mkdir()
+    (root / "person00" / "0.txt").mkdir()  # not a caption: a folder
+    (root / "person01" / "1.txt").write_text("glasses")
+    (root / "person01" / "1.TXT.png").symlink_to(elsewhere)
+    (root / "linked-person").symlink_to(root / "person01", target_is_directory=True)
+    dataset = open_dataset(root)
+    assert sorted(dataset.people) == ["linked-person", "person00", "person01"]
+    assert [p.key for p in dataset.people["person00"].photos] == [
+        "person00/0.png",
+        "person00/1.png",
+        "person00/linked.jpg",
+    ]
+    assert [p.caption for p in dataset.people["person00"].photos] == [None, None, None]
+    person01 = dataset.people["person01"].photos
+    assert [(p.key, p.caption) for p in person01] == [
+        ("person01/0.png", None),
+        ("person01/1.TXT.png", None),
+        ("person01/1.png", "glasses"),
+    ]
+    assert person01[2].path == root / "person01" / "1.png"
