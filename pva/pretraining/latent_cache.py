@@ -236,9 +236,8 @@ def build_latent_cache(
     people = [samples.faces[name] for name in samples.people]
     if cache.is_complete(people):
         return 0
-    if accelerator.is_main_process:
-        make_writable_folder(cache.folder, "latents folder")
-    accelerator.wait_for_everyone()
+    # every process checks (one failing alone would leave the others waiting for it)
+    make_writable_folder(cache.folder, "latents_dir (--latents-dir; default <face cache>/latents)")
     made = 0
     mine = people[accelerator.process_index :: accelerator.num_processes]
     for person in mine:

@@ -240,3 +240,13 @@ def test_a_corrupt_cached_latent_is_never_trained_on_and_is_made_again(parts, tm
     assert reader[index].latents is None
     _, made = _built(base, samples, tmp_path)
     assert made == 1 and cache.path(person.name).read_bytes() == good_file
+
+
+def test_an_unwritable_latents_folder_is_named_before_any_work(parts, tmp_path):
+    from pva.errors import PVAError
+
+    base, samples = parts
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(PVAError, match=r"latents_dir \(--latents-dir.*cannot write"):
+        _built(base, samples, blocker / "latents")
