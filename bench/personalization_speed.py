@@ -17,6 +17,7 @@ Target: pva step / bare step <= 1.2.
 """
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -48,7 +49,7 @@ def peak_memory_gb(torch, device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GiB
 
 
-def run_bare(torch, patcher, args, device) -> list[float]:
+def run_bare(torch, patcher, args, device, phases=None) -> list[float]:  # noqa: ANN001
     unet = patcher.model.diffusion_model
     unet.requires_grad_(False)
     trainable = [
@@ -64,12 +65,18 @@ def run_bare(torch, patcher, args, device) -> list[float]:
     timesteps = torch.linspace(100, 900, args.time_bins).to(device)
     target = torch.randn(args.time_bins, 4, latent, latent, generator=generator).to(device)
     times = []
-    for _ in range(args.steps + 1):
+    timed = phases or (lambda name: contextlib.nullcontext())  # pva.pretraining.phases.StepPhases
+    for step in range(args.steps + 1):
+        if step == 1 and phases is not None:
+            phases.take()  # the warm-up step is not counted
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = (unet(x, timesteps, context).float() - target).pow(2).mean()
-        loss.backward()
-        optimizer.step()
+        with timed("forward"):
+            loss = (unet(x, timesteps, context).float() - target).pow(2).mean()
+        with timed("backward"):
+            loss.backward()
+        with timed("optimizer"):
+            optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)

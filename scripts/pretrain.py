@@ -72,6 +72,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     train.add_argument("--seed", type=int, default=d.seed)
     train.add_argument("--cpu", action="store_true", help="train on the CPU (automatic without a GPU)")
     train.add_argument("--workers", type=int, default=d.loader_workers, help="data-loader processes")
+    data = p.add_argument_group("latents (the VAE's encodings of the training crops)")
+    data.add_argument(
+        "--latents", default=d.latents, choices=["cached", "per-step"],
+        help="cached: each photo's views and masks encoded once, before the first step (made again when the VAE, "
+        "resolution or crop settings change); per-step: a fresh crop and mask through the VAE every sample",
+    )  # fmt: skip
+    data.add_argument("--latent-views", type=int, default=d.latent_views, help="cached crops per photo")
+    data.add_argument("--latent-masks", type=int, default=d.latent_masks, help="cached masks per crop")
+    data.add_argument("--latents-dir", help="where cached latents go (default: <--cache>/latents)")
     out = p.add_argument_group("checkpoints, validation, logs")
     out.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     out.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
@@ -152,6 +161,10 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         loader_workers=args.workers,
         samples=SampleSettings(resolution=args.resolution, identity_dropout=args.identity_dropout),
+        latents=args.latents,
+        latent_views=args.latent_views,
+        latent_masks=args.latent_masks,
+        latents_dir=Path(args.latents_dir) if args.latents_dir else None,
     )
     config.validate()
     dataset = open_dataset(args.data, layout=args.layout, seed=args.seed)

@@ -21,6 +21,24 @@ def inpaint_conditioning(
     return nodes.InpaintModelConditioning().encode(positive, negative, pixels, vae, mask, noise_mask=True)
 
 
+def masked_for_inpainting(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, H, W, 3] pixels as InpaintModelConditioning encodes them for the model's masked-image
+    input: grey (0.5) where the rounded mask [B, H, W] is 1 (pixels and mask of one size)."""
+    keep = (1.0 - mask.round())[..., None]
+    return (pixels - 0.5) * keep + 0.5
+
+
+def inpaint_conditioning_of_latents(positive: list, masked_latent: torch.Tensor, mask: torch.Tensor) -> list:
+    """InpaintModelConditioning's positive from latents encoded beforehand (masked_latent: the
+    VAE's latent of masked_for_inpainting(pixels, mask); mask [B, H, W] at the pixels' size)."""
+    import node_helpers
+
+    concat_mask = mask.reshape(-1, 1, *mask.shape[-2:])
+    return node_helpers.conditioning_set_values(
+        positive, {"concat_latent_image": masked_latent, "concat_mask": concat_mask}
+    )
+
+
 def model_conds(model: BaseModel, cond: list, latent: torch.Tensor, batch: int, device: torch.device) -> list:
     """The sampler's processing of a positive CONDITIONING (inpaint concat, area, ...) for `batch`
     noisy latents of `latent`'s (model-space) shape."""

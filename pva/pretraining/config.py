@@ -41,6 +41,12 @@ class PretrainingConfig:
     seed: int = 0
     loader_workers: int = 2
     samples: SampleSettings = field(default_factory=SampleSettings)
+    # "cached": each photo's views and masks encoded by the VAE once (latent_cache.py); "per-step":
+    # a fresh crop and mask through the VAE for every sample (augmentations that need pixels)
+    latents: str = "cached"
+    latent_views: int = 2  # crops per photo, each at its own context
+    latent_masks: int = 4  # masks per crop
+    latents_dir: Path | None = None  # default: <face cache>/latents
 
     def validate(self) -> None:
         checks = [
@@ -55,6 +61,14 @@ class PretrainingConfig:
             (
                 self.checkpoint_every >= 1 and self.validate_every >= 1,
                 "checkpoint/validate every: at least 1.",
+            ),
+            (
+                self.latents in ("cached", "per-step"),
+                f"latents: 'cached' or 'per-step', got {self.latents!r}.",
+            ),
+            (
+                self.latent_views >= 1 and self.latent_masks >= 1,
+                f"latent views and masks: at least 1 each, got {self.latent_views} and {self.latent_masks}.",
             ),
             (
                 self.samples.resolution % 8 == 0,

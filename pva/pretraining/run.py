@@ -35,6 +35,8 @@ from ..training.session import training_mode
 from .checkpoints import STATE_FORMAT, find_checkpoint, read_state, save_checkpoint
 from .checkpoints import recover as recover_checkpoints
 from .config import PretrainingConfig
+from .latent_cache import LatentCache, build_latent_cache
+from .phases import StepPhases
 from .samples import PretrainingSamples, SampleBatch, StepSampler
 from .session import Base, PretrainingSession, PretrainingStep, text_cache_for
 from .validation import identity_gaps, preview_grid, validation_samples
@@ -61,12 +63,14 @@ def pretrain(
     resume: str | None = None,
     init: str | os.PathLike | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    phases: StepPhases | None = None,
 ) -> PretrainingResult:
     """Pretrain (or continue pretraining) a PVA model; checkpoints go to config.output_dir.
 
     faces: the preprocessing cache of the dataset (pva.data.preprocess.load_faces). facenet: the
     FaceNet to fine-tune in stage 2. resume: 'latest' or a checkpoint folder. init: a PVA file
-    to start from (e.g. stage 1's result for stage 2). on_step(step, loss) after every step."""
+    to start from (e.g. stage 1's result for stage 2). on_step(step, loss) after every step;
+    phases: where the steps' time goes (the speed bench)."""
     config.validate()
     accelerator.gradient_accumulation_steps = config.gradient_accumulation  # accumulate() follows it
     output_dir = Path(config.output_dir)
@@ -94,6 +98,11 @@ def pretrain(
             facenet.eval().requires_grad_(config.stage == 2)  # BatchNorm statistics stay as pretrained
         step_module = PretrainingStep(pva, facenet if config.stage == 2 else None)
         with PretrainingSession(base, pva, config, texts) as session:
+            session.phases = phases = phases or StepPhases.off()
+            if config.latents == "cached":
+                with phases("latent cache"):
+                    inpainting = not session.masked_loss
+                    samples.latents = _latent_cache(config, base, samples, faces, inpainting, accelerator)
             optimizer = _optimizer(pva, step_module.facenet, config, accelerator.num_processes)
             schedule = _schedule(optimizer, config.warmup_steps)
             model, optimizer = accelerator.prepare(step_module, optimizer)
@@ -124,6 +133,26 @@ def pretrain(
             run.train(loader, start_step, on_step)
             exported = run.exported()
     return PretrainingResult(exported, run.losses, run.validation, output_dir)
+
+
+def _latent_cache(
+    config: PretrainingConfig,
+    base: Base,
+    samples: PretrainingSamples,
+    faces: dict[str, PersonFaces],
+    inpainting: bool,
+    accelerator: Accelerator,
+) -> LatentCache:
+    """The training people's latents, made where missing (once; split among the processes)."""
+    root = config.latents_dir or Path(next(iter(faces.values())).path).parents[1] / "latents"
+    cache = LatentCache.for_run(root, base.vae, samples, config.latent_views, config.latent_masks, inpainting)
+    started = time.monotonic()
+    made = build_latent_cache(cache, samples, base.vae, accelerator)
+    made = int(accelerator.reduce(torch.tensor(made, device=accelerator.device), reduction="sum").item())
+    if accelerator.is_main_process and made:
+        print(f"[PVA pretraining] cached the latents of {made} people in {cache.folder} "
+              f"({time.monotonic() - started:.0f} s)", flush=True)  # fmt: skip
+    return cache
 
 
 def _starting_pva(base: Base, config: PretrainingConfig, init: str | os.PathLike | None) -> PVAModel:
@@ -257,20 +286,26 @@ class _Run:
         )
         micro_batches = iter(loader)
         started = time.monotonic()
+        phases = self.session.phases
         for step in range(start_step, config.max_steps):
             comfy.model_management.throw_exception_if_processing_interrupted()
             # identity-encoder dropout: the same draws whatever the restarts
             torch.manual_seed(hash((config.seed, step, accelerator.process_index)) & (2**62 - 1))
             total = torch.zeros((), device=self.session.device)
             for _ in range(config.gradient_accumulation):
-                batch = self.session.prepare(next(micro_batches))
+                with phases("data"):
+                    micro_batch = next(micro_batches)
+                batch = self.session.prepare(micro_batch)
                 with accelerator.accumulate(self.model):
-                    loss = self.model(batch, self.session)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    with phases("forward"):
+                        loss = self.model(batch, self.session)
+                    with phases("backward"):
+                        accelerator.backward(loss)
+                    with phases("optimizer"):
+                        if accelerator.sync_gradients and config.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
                 total += loss.detach() / config.gradient_accumulation
             self.schedule.step()
             self._update_ema()

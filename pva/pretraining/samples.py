@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from ..data.preprocess import PersonFaces
 from ..errors import PVAError
 from ..faces.crops import crop_face
 from ..faces.regions import region_mask
+
+if TYPE_CHECKING:
+    from .latent_cache import CachedTarget, LatentCache
 
 TEMPLATES = (
     "photo of a person",
@@ -79,38 +83,62 @@ class References:
 
 @dataclass
 class Sample:
-    """One training sample: the photo to inpaint, its mask and caption, its references."""
+    """One training sample: the photo to inpaint (its crop, or its cached latents), its mask and
+    caption, its references."""
 
-    pixels: torch.Tensor  # [S, S, 3] the crop around the face, 0..1
+    pixels: torch.Tensor | None  # [S, S, 3] the crop around the face, 0..1 (None: latents cached)
     mask: torch.Tensor  # [S, S] 1 = inpaint here
     caption: str
     noise_seed: int  # the sample's noise levels and noise come from it
     person: str
     references: References
     keep: bool = True  # False: the sample sees no identity (identity dropout)
+    latents: CachedTarget | None = None  # the VAE's latents of the crop, made beforehand
 
 
 @dataclass
 class SampleBatch:
-    pixels: torch.Tensor  # [B, S, S, 3]
+    pixels: torch.Tensor | None  # [B, S, S, 3]; zeros where a sample's latents are cached; None: all are
     mask: torch.Tensor  # [B, S, S]
     captions: list[str]
     noise_seeds: list[int]
     people: list[str]
     references: References  # [B, R, ...]
     keep: torch.Tensor  # [B] bool
+    latents: torch.Tensor | None = None  # [B, C, h, w] the crops' latents (where cached)
+    masked: torch.Tensor | None = None  # [B, C, h, w] the masked crops' latents (inpainting models)
+    cached: torch.Tensor | None = None  # [B] bool: which samples' latents are given
 
     @classmethod
     def of(cls, samples: Sequence[Sample]) -> SampleBatch:
         """The data loader's collate function."""
+        cached = [s.latents is not None for s in samples]
+        pixels = latents = masked = None
+        if not all(cached):
+            side = samples[0].mask.shape[-1]
+            pixels = torch.stack(
+                [torch.zeros(side, side, 3) if s.pixels is None else s.pixels for s in samples]
+            )
+        if any(cached):
+            like = next(s.latents for s in samples if s.latents is not None)
+            latents = torch.stack(
+                [s.latents.latent if s.latents else torch.zeros_like(like.latent) for s in samples]
+            )
+            if like.masked is not None:
+                masked = torch.stack(
+                    [s.latents.masked if s.latents else torch.zeros_like(like.masked) for s in samples]
+                )
         return cls(
-            torch.stack([s.pixels for s in samples]),
+            pixels,
             torch.stack([s.mask for s in samples]),
             [s.caption for s in samples],
             [s.noise_seed for s in samples],
             [s.person for s in samples],
             References.stack([s.references for s in samples]),
             torch.tensor([s.keep for s in samples]),
+            latents,
+            masked,
+            torch.tensor(cached) if any(cached) else None,
         )
 
 
@@ -124,6 +152,7 @@ class PretrainingSamples(torch.utils.data.Dataset):
         people: Sequence[str],
         settings: SampleSettings,
         seed: int = 0,
+        latents: LatentCache | None = None,
     ):
         self.people = [p for p in people if p in faces]
         if not self.people:
@@ -137,6 +166,7 @@ class PretrainingSamples(torch.utils.data.Dataset):
         }
         self.settings = settings
         self.seed = seed
+        self.latents = latents  # None: every sample's crop and mask are drawn afresh
 
     def __len__(self) -> int:  # sampled by index, never iterated to the end
         return 2**62
@@ -148,34 +178,76 @@ class PretrainingSamples(torch.utils.data.Dataset):
         rng = self.rng(index)
         person = self.faces[self.people[rng.randrange(len(self.people))]]
         target = rng.randrange(len(person))
-        pixels, mask, caption, noise_seed = self.target(person, target, rng)
+        if self.latents is None:
+            pixels, mask, caption, noise_seed = self.target(person, target, rng)
+            latents = None
+        else:
+            pixels, mask, caption, noise_seed, latents = self.cached_target(person, target, rng)
         references = self.references(person, target, rng)
         keep = rng.random() >= self.settings.identity_dropout
-        return Sample(pixels, mask, caption, noise_seed, person.name, references, keep)
+        return Sample(pixels, mask, caption, noise_seed, person.name, references, keep, latents)
+
+    def cached_target(
+        self, person: PersonFaces, index: int, rng: random.Random
+    ) -> tuple[torch.Tensor | None, torch.Tensor, str, int, CachedTarget | None]:
+        """The photo to inpaint as one of its cached views and masks: (None, mask, caption, noise
+        seed, latents), or, when its cache entry is missing or damaged, the same view and mask made
+        from the photo: (crop, mask, caption, noise seed, None)."""
+        cache = self.latents
+        view, which = rng.randrange(cache.views), rng.randrange(cache.masks)
+        photo = self.photos[person.keys[index]]
+        caption, noise_seed = self.caption(photo, rng), rng.getrandbits(63)
+        cached = cache.read(person.name, index, view, which)
+        if cached is not None:
+            return None, cached.mask, caption, noise_seed, cached
+        crop, masks = self.view(person, index, photo.read(), view, cache.masks)
+        return crop, masks[which], caption, noise_seed, None
+
+    def view(
+        self, person: PersonFaces, index: int, pixels: torch.Tensor, view: int, masks: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """View number `view` of photo `index` (what the latent cache stores): its crop [S, S, 3]
+        and `masks` masks [masks, S, S], drawn from a generator of the photo and the view alone."""
+        rng = random.Random(f"pva-view:{self.seed}:{person.keys[index]}:{view}")
+        crop, drawn = self.crop_and_mask(person, index, pixels, rng, masks=masks)
+        return crop, drawn.reshape(masks, *drawn.shape[-2:])
 
     def target(
         self, person: PersonFaces, index: int, rng: random.Random
     ) -> tuple[torch.Tensor, torch.Tensor, str, int]:
         """The photo to inpaint: crop, mask, caption and the sample's noise seed."""
+        photo = self.photos[person.keys[index]]
+        crop, mask = self.crop_and_mask(person, index, photo.read(), rng)
+        return crop, mask, self.caption(photo, rng), rng.getrandbits(63)
+
+    def crop_and_mask(
+        self, person: PersonFaces, index: int, pixels: torch.Tensor, rng: random.Random, masks: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A crop of photo `index` ([S, S, 3], context drawn from `rng`) and `masks` inpainting
+        masks for it ([S, S], or [masks, S, S] when masks > 1), each a dataset mask or a facial
+        region at a random precision, drawn one after the other from `rng`."""
         settings = self.settings
         photo = self.photos[person.keys[index]]
-        pixels = photo.read()
         context = rng.uniform(*settings.context)
         crop, face = crop_face(pixels, person.faces[index], settings.resolution, context)
         crop = crop.clamp(0, 1)  # (the crop's sharpening may overshoot at hard edges)
-        if photo.masks and rng.random() < settings.dataset_mask_probability:
-            kind = sorted(photo.masks)[rng.randrange(len(photo.masks))]
-            full = photo.read_mask(kind, tuple(pixels.shape[:2]))[..., None].expand(-1, -1, 3)
-            cropped, _ = crop_face(full, person.faces[index], settings.resolution, context)
-            mask = (cropped[..., 0] > 0.5).float()
-        else:
-            region = settings.regions[rng.randrange(len(settings.regions))]
-            mask = region_mask(face, region, settings.resolution, settings.resolution, precision=rng.random())
-        if photo.caption and rng.random() < settings.caption_probability:
-            caption = f"photo of a person, {photo.caption}"
-        else:
-            caption = TEMPLATES[rng.randrange(len(TEMPLATES))]
-        return crop, mask, caption, rng.getrandbits(63)
+        drawn = []
+        for _ in range(masks):
+            if photo.masks and rng.random() < settings.dataset_mask_probability:
+                kind = sorted(photo.masks)[rng.randrange(len(photo.masks))]
+                full = photo.read_mask(kind, tuple(pixels.shape[:2]))[..., None].expand(-1, -1, 3)
+                cropped, _ = crop_face(full, person.faces[index], settings.resolution, context)
+                drawn.append((cropped[..., 0] > 0.5).float())
+            else:
+                region = settings.regions[rng.randrange(len(settings.regions))]
+                side = settings.resolution
+                drawn.append(region_mask(face, region, side, side, precision=rng.random()))
+        return crop, drawn[0] if masks == 1 else torch.stack(drawn)
+
+    def caption(self, photo: Photo, rng: random.Random) -> str:
+        if photo.caption and rng.random() < self.settings.caption_probability:
+            return f"photo of a person, {photo.caption}"
+        return TEMPLATES[rng.randrange(len(TEMPLATES))]
 
     def references(self, person: PersonFaces, target: int | None, rng: random.Random) -> References:
         """1..max_references photos of the person other than `target` (padded to a fixed count),

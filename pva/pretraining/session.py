@@ -22,11 +22,12 @@ import torch
 from ..data.datasets import FaceDataset
 from ..data.text_cache import TextCache, TextEncoder
 from ..errors import PVAError
-from ..host.conditioning import inpaint_conditioning
+from ..host.conditioning import inpaint_conditioning_of_latents, masked_for_inpainting
 from ..host.loading import is_loaded
 from ..method.model import PVAModel
 from ..training.session import TrainingBatch, TrainingSession, face_weight, stratified_sigmas
 from .config import PretrainingConfig
+from .phases import StepPhases
 from .samples import TEMPLATES, References, SampleBatch
 
 if TYPE_CHECKING:
@@ -101,6 +102,7 @@ class PretrainingSession(TrainingSession):
         # accelerate's autocast (mixed_precision) covers the forward: no autocast of our own
         super().__init__(base.model, pva, config.train, config.gradient_checkpointing, mixed_precision="none")
         self.base, self.config, self.texts = base, config, texts
+        self.phases: StepPhases = StepPhases.off()
 
     def activation_positions(self) -> int:
         side = self.config.samples.resolution // 8
@@ -138,25 +140,30 @@ class PretrainingSession(TrainingSession):
         (InpaintModelConditioning, the VAE), the cached text conditioning, and each sample's
         K noise levels and noise (from its own seed)."""
         bins, device = bins or self.config.time_bins, self.device
-        contexts, pooled = self.texts.lookup(batch.captions)
+        with self.phases("text"):
+            contexts, pooled = self.texts.lookup(batch.captions)
         positive = [[contexts, {} if pooled is None else {"pooled_output": pooled}]]
-        cond, _, latent = inpaint_conditioning(positive, positive, batch.pixels, self.base.vae, batch.mask)
-        self.check_still_loaded()
+        with self.phases("vae"):
+            latent, masked = self.target_latents(batch)
+            self.check_still_loaded()
+        cond = positive if masked is None else inpaint_conditioning_of_latents(positive, masked, batch.mask)
         ((context, extra),) = cond
 
         def each(t: torch.Tensor) -> torch.Tensor:  # sample-major: a sample's K copies side by side
             return t.repeat_interleave(bins, dim=0)
 
         extra = {k: each(v) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
-        x0 = self.patched.model.process_latent_in(each(latent["samples"]).to(device))
+        x0 = self.patched.model.process_latent_in(each(latent).to(device))
         sampling = self.patched.get_model_object("model_sampling")
         sigmas, noise = [], []
         for seed in batch.noise_seeds:
             generator = torch.Generator().manual_seed(seed)
             sigmas.append(stratified_sigmas(sampling, bins, generator))
             noise.append(torch.randn((bins, *x0.shape[1:]), generator=generator))
+        with self.phases("conditioning"):
+            conds = self.model_conds([[each(context), extra]], x0, x0.shape[0])
         training = TrainingBatch(
-            conds=self.model_conds([[each(context), extra]], x0, x0.shape[0]),
+            conds=conds,
             x0=x0,
             sigmas=torch.cat(sigmas).to(device),
             noise=torch.cat(noise).to(device),
@@ -165,6 +172,22 @@ class PretrainingSession(TrainingSession):
             face_weight=face_weight(batch.mask, x0.shape[-2:], bins).to(device) if self.masked_loss else None,
         )
         return PreparedBatch(training, batch.references.to(device), bins)
+
+    def target_latents(self, batch: SampleBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The VAE's latents of the targets and (inpainting models) of the targets with their masks
+        painted grey, as InpaintModelConditioning makes them: from the latent cache where a sample
+        has them, else from its pixels."""
+        vae, inpainting = self.base.vae, not self.masked_loss
+        missing = torch.ones(len(batch.captions), dtype=torch.bool) if batch.cached is None else ~batch.cached
+        latent, masked = batch.latents, batch.masked if inpainting else None
+        if missing.any():
+            pixels, mask = batch.pixels[missing], batch.mask[missing]
+            encoded = vae.encode(pixels).float().cpu()
+            latent = encoded if latent is None else latent.index_put((missing,), encoded)
+            if inpainting:
+                encoded = vae.encode(masked_for_inpainting(pixels, mask)).float().cpu()
+                masked = encoded if masked is None else masked.index_put((missing,), encoded)
+        return latent, masked
 
 
 def text_cache_for(

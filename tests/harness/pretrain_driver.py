@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -29,6 +30,9 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=1000)
     parser.add_argument("--ema-decay", type=float, default=0.0)
     parser.add_argument("--resume")
+    parser.add_argument("--latents", default="per-step", choices=["cached", "per-step"])
+    parser.add_argument("--latents-dir", help="cached latents' folder (default: in --out)")
+    parser.add_argument("--people", type=int, default=0, help="train on the first N training people (0: all)")
     args = parser.parse_args()
 
     from harness.host import import_comfy_on_cpu
@@ -40,6 +44,7 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from harness.pretraining import World, tiny_base
+    from pva.pretraining import latent_cache
     from pva.pretraining.config import PretrainingConfig
     from pva.pretraining.run import pretrain
     from pva.pretraining.samples import SampleSettings
@@ -65,8 +70,23 @@ def main() -> None:
         encoder_depth=1,
         loader_workers=0,
         samples=SampleSettings(resolution=64),
+        latents=args.latents,
+        latent_views=1,
+        latent_masks=2,
+        latents_dir=Path(args.latents_dir) if args.latents_dir else out / "latents",
     )
-    result = pretrain(config, tiny_base(), world.dataset(), world.faces(), accelerator, resume=args.resume)
+    dataset = world.dataset()
+    if args.people:
+        dataset = replace(dataset, splits=dict(dataset.splits, train=dataset.splits["train"][: args.people]))
+    made = [0]  # the cache entries this process encoded
+    original = latent_cache.write_person
+
+    def counted(*parts):  # noqa: ANN002, ANN202
+        made[0] += 1
+        return original(*parts)
+
+    latent_cache.write_person = counted
+    result = pretrain(config, tiny_base(), dataset, world.faces(), accelerator, resume=args.resume)
     rank = accelerator.process_index
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in result.pva.state_dict().items()}
@@ -79,6 +99,7 @@ def main() -> None:
         "validation": result.validation,
         "provenance": result.pva.provenance,
         "env_world_size": os.environ.get("WORLD_SIZE"),
+        "latents_made": made[0],
     }
     (out / f"rank-{rank}.json").write_text(json.dumps(seen))
 

@@ -231,6 +231,7 @@ def identity_config(output_dir: Path, validation_samples: int = 96):  # noqa: AN
         loader_workers=0,
         seed=recipe["seed"],
         samples=SampleSettings(resolution=recipe["resolution"], regions=tuple(recipe["regions"])),
+        latents="per-step",  # as the recorded model was made (before the latent cache)
     )
 
 
@@ -319,6 +320,8 @@ def pretraining_run(world: World, output: Path, base=None, **overrides):  # noqa
     settings = dict(
         output_dir=output, max_steps=1, batch_size=1, gradient_accumulation=1, time_bins=1, num_tokens=4,
         encoder_depth=1, loader_workers=0, validation_samples=2, preview_samples=0, samples=SampleSettings(resolution=64),
+        latents="per-step",  # (tests of the latent cache ask for it, on fewer people)
+        latents_dir=output / "latents",  # never into the world's face cache (a recorded artefact)
     )  # fmt: skip
     config = PretrainingConfig(**{**settings, **overrides})
 

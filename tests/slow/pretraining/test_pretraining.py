@@ -96,6 +96,30 @@ def test_two_processes_synchronize_their_gradients(world, one_process, tmp_path)
     )
 
 
+def test_two_processes_build_one_latent_cache_that_a_later_run_trains_on_unchanged(world, tmp_path):
+    """With cached latents (pva/pretraining/latent_cache.py), 2 processes each encode half of the
+    people into one cache and train on it; a later single-process run of the same global batch
+    finds the cache complete, encodes nothing, and ends with the same weights (to float rounding,
+    as above). Each entry was made once: by rank 0 or rank 1, never both."""
+    latents = tmp_path / "latents"
+    options = dict(steps=2, batch=2, latents="cached", latents_dir=latents, people=6)
+    two = _drive(
+        world, tmp_path / "two", launcher=_torchrun(2, "--master_port", str(_free_port())), **options
+    )
+    assert [(s["num_processes"], s["process_index"]) for s in two] == [(2, 0), (2, 1)]
+    (folder,) = [p for p in latents.iterdir() if p.is_dir()]
+    entries = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(entries) == 6 and (folder / "complete.json").is_file()
+    made = [s["latents_made"] for s in two]
+    assert sorted(made) == [3, 3], made  # half each: the people are split between the processes
+    (one,) = _drive(world, tmp_path / "one", accumulation=2, **options)
+    assert one["latents_made"] == 0
+    rank0, single = _weights(tmp_path / "two", 0), _weights(tmp_path / "one", 0)
+    moved = max((single[k] - _initial(k, single)).abs().max().item() for k in single)
+    worst = max((rank0[k] - single[k]).abs().max().item() for k in rank0)
+    assert moved > 1e-3 and worst <= 1e-5 * max(1.0, moved), (worst, moved)
+
+
 _INITIAL: dict = {}
 
 
@@ -275,7 +299,7 @@ def test_command_line_pretrains_from_a_checkpoint_file(world, sd15_inpaint_ckpt,
         "--data", str(world.data), "--cache", str(world.cache), "--output", str(out), "--max-steps", "1",
         "--batch-size", "1", "--gradient-accumulation", "1", "--time-bins", "1", "--resolution", "64",
         "--workers", "0", "--validation-samples", "2", "--preview-samples", "1", "--preview-steps", "2",
-        "--checkpoint-every", "1",
+        "--checkpoint-every", "1", "--latents", "per-step",  # (the full-size VAE on 113 people: minutes)
     ]  # fmt: skip
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
