@@ -224,8 +224,8 @@ def on_paper(args, flops_per_sample: float, ratio: float, efficiency: float | No
         print(f"  {gpu} (bf16 peak {peak} TFLOP/s, {UTILIZATION:.0%} utilization assumed): {hours:.0f} GPU-hours, "
               f"{hours / RECIPE['gpus']:.1f} h on {RECIPE['gpus']} GPUs, {step:.2f} s per step")  # fmt: skip
     if efficiency:
-        print(f"  (with the scaling efficiency {efficiency:.2f} measured here from 1 to 2 CPU processes, 8 GPUs "
-              f"would take up to {1 / efficiency:.2f}x that; NCCL within one machine usually loses less than gloo)")  # fmt: skip
+        print(f"  (if 8 GPUs scaled as the 2 CPU processes did here, efficiency {efficiency:.2f}: "
+              f"{1 / efficiency:.2f}x those hours; NCCL between GPUs is not measured)")  # fmt: skip
 
 
 def _run(args, argv, variant, processes=1, extra=()) -> dict:
@@ -282,13 +282,14 @@ def report(args, results: dict) -> None:
         samples = per_step * result["processes"] / step[name]
         print(f"{name:<9}{result['processes']:>10}{result['threads']:>8}{step[name]:>10.3f}{samples:>12.2f}"
               f"{result['peak_gb']:>10.2f}")  # fmt: skip
-    print("where a step's time goes (s, mean of the timed steps; 'other': the step's rest, e.g. the identity "
-          "tokens' loss bookkeeping and the loss's reduction across processes):")  # fmt: skip
+    print("where a step's time goes (s, mean of the timed steps; 'other': the rest of the step, e.g. the "
+          "loss's reduction across processes, the EMA and progress bookkeeping):")  # fmt: skip
     print(f"{'variant':<9}" + "".join(f"{p:>13}" for p in (*PHASES, "other")))
     for name in ("bare", "pva", "per-step"):
         if name in results:
             phases = results[name]["phases"]
-            other = step[name] - sum(phases.get(p, 0.0) for p in PHASES)
+            mean = sum(results[name]["times"]) / len(results[name]["times"])  # (the phases are means too)
+            other = mean - sum(phases.get(p, 0.0) for p in PHASES)
             print(f"{name:<9}" + "".join(f"{phases.get(p, 0.0):>13.3f}" for p in PHASES) + f"{other:>13.3f}")
     built = results["pva"]["cache_build"]  # (the first run with cached latents makes them)
     if built["seconds"]:

@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     )
     config.validate()
     dataset = open_dataset(args.data, layout=args.layout, seed=args.seed)
-    faces = load_faces(args.cache, dataset.people)
+    faces = load_faces(args.cache, [*dataset.splits.get("train", ()), *dataset.splits.get("val", ())])
     facenet = None
     if args.stage == 2:
         if not args.facenet:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
@@ -25,9 +25,6 @@ from ..data.preprocess import PersonFaces
 from ..errors import PVAError
 from ..faces.crops import crop_face
 from ..faces.regions import region_mask
-
-if TYPE_CHECKING:
-    from .latent_cache import CachedTarget, LatentCache
 
 TEMPLATES = (
     "photo of a person",
@@ -79,6 +76,24 @@ class References:
             self.mask.to(device),
             None if self.crops is None else self.crops.to(device),
         )
+
+
+@dataclass(frozen=True)
+class CachedTarget:
+    """A sample's target as a latent cache holds it (latent_cache.py)."""
+
+    latent: torch.Tensor  # [C, h, w] float32: the VAE's latent of the crop
+    masked: torch.Tensor | None  # [C, h, w] float32: of the crop with its mask painted grey
+    mask: torch.Tensor  # [S, S] float 0/1
+
+
+class LatentSource(Protocol):
+    """What the samples read from a latent cache (latent_cache.LatentCache)."""
+
+    views: int
+    masks: int
+
+    def read(self, person: str, photo: int, view: int, mask: int) -> CachedTarget | None: ...
 
 
 @dataclass
@@ -152,7 +167,7 @@ class PretrainingSamples(torch.utils.data.Dataset):
         people: Sequence[str],
         settings: SampleSettings,
         seed: int = 0,
-        latents: LatentCache | None = None,
+        latents: LatentSource | None = None,
     ):
         self.people = [p for p in people if p in faces]
         if not self.people:
@@ -161,8 +176,8 @@ class PretrainingSamples(torch.utils.data.Dataset):
                 "them all (see the cache's report.json)."
             )
         self.faces = faces
-        self.photos: dict[str, Photo] = {
-            p.key: p for person in dataset.people.values() for p in person.photos
+        self.photos: dict[str, Photo] = {  # these people's only (a dataset may hold a million photos)
+            p.key: p for name in self.people for p in dataset.people[name].photos
         }
         self.settings = settings
         self.seed = seed
@@ -255,7 +270,8 @@ class PretrainingSamples(torch.utils.data.Dataset):
         settings = self.settings
         others = [i for i in range(len(person)) if i != target]
         chosen = rng.sample(others, rng.randint(1, min(settings.max_references, len(others))))
-        embeddings = [person.embeddings[i] for i in chosen]
+        stored = person.embeddings  # (read from the face cache when first used)
+        embeddings = [stored[i] for i in chosen]
         sources = [(i, False) for i in chosen]
         if rng.random() < settings.mirror_probability:
             mirrored = chosen[rng.randrange(len(chosen))]

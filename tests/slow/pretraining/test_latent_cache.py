@@ -6,6 +6,7 @@ the building of one cache. On the tests' synthetic people with the tiny SD1.5-in
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from dataclasses import replace
 from pathlib import Path
@@ -143,6 +144,7 @@ def test_another_vae_or_crop_setting_makes_new_latents_and_changed_faces_remake_
     folder is trusted without opening every file."""
     from harness.models import tiny_vae
 
+    from pva.data.preprocess import PersonFaces
     from pva.launch import make_accelerator
     from pva.pretraining import latent_cache
     from pva.pretraining.latent_cache import build_latent_cache
@@ -167,8 +169,13 @@ def test_another_vae_or_crop_setting_makes_new_latents_and_changed_faces_remake_
     before = {p: cache.path(p).read_bytes() for p in samples.people}
     moved = samples.people[2]
     person = samples.faces[moved]
+    # detected again (another box), so its face-cache file is another file
     shifted = tuple(replace(f, box=(f.box[0] + 3, *f.box[1:])) for f in person.faces)
-    faces = dict(samples.faces, **{moved: replace(person, faces=shifted)})
+    copy = tmp_path / "faces" / person.path.name
+    copy.parent.mkdir()
+    shutil.copyfile(person.path, copy)
+    redone = PersonFaces(moved, person.keys, shifted, person.sizes, person.embeddings, person.mirrored, copy)
+    faces = dict(samples.faces, **{moved: redone})
     again = _with(samples, cache)
     again.faces = faces
     assert build_latent_cache(cache, again, base.vae, make_accelerator(cpu=True)) == 1
