@@ -13,9 +13,10 @@ class PVAApply(io.ComfyNode):
             node_id="PVAApply",
             display_name="Apply PVA Identity",
             category=CATEGORY,
-            description="Adds parallel visual attention to every cross-attention layer of the MODEL: the "
-            "image attends to the text and the identity tokens in one joint softmax. Returns a patched "
-            "copy; the input MODEL is unchanged. Chain two Apply nodes with two masks for two people.",
+            description="Adds parallel visual attention to the MODEL: in every cross-attention layer (SD1.x, "
+            "SD2.x, SDXL) or double-stream block (Flux, Flux Fill/Kontext, Flux.2) the image attends to the "
+            "text and the identity tokens in one joint softmax. Returns a patched copy; the input MODEL is "
+            "unchanged. Chain two Apply nodes with two masks for two people.",
             inputs=[
                 io.Model.Input(
                     "model", tooltip="The diffusion model (an inpainting model for face inpainting)."

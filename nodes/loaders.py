@@ -104,7 +104,8 @@ class PVAInitializeFromModel(io.ComfyNode):
             display_name="Initialize PVA Model from MODEL",
             category=CATEGORY,
             description="Creates an untrained PVA model that fits the loaded MODEL: each layer's W'q/W'k/W'v "
-            "are copies of its Wq/Wk/Wv and the identity encoder is freshly seeded. A starting point for "
+            "are copies of its Wq/Wk/Wv (Flux: the image query and text key/value weights of each "
+            "double-stream block) and the identity encoder is freshly seeded. A starting point for "
             "quick personalization; on its own it does not yet preserve identity.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model the PVA model is made for."),

@@ -1,4 +1,10 @@
-"""Which cross-attention layers of a ComfyUI UNet get parallel projections, and their shapes."""
+"""Where identity attaches in a ComfyUI MODEL, and the shapes of the parallel projections there.
+
+Two kinds of attachment site, one per model architecture:
+- "cross_attention": a UNet's (SD1.x/2.x/XL) text cross-attention `attn2` (patching.py);
+- "joint_attention": an MMDiT double-stream block (Flux, Flux Fill/Kontext, Flux.2), whose text and
+  image tokens share one softmax (joint_patching.py).
+"""
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -37,6 +43,7 @@ class LayerSpec:
     context_dim: int
     inner_dim: int
     heads: int
+    kind: str = "cross_attention"  # or "joint_attention"
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -47,6 +54,23 @@ def is_cross_attention(module: nn.Module) -> bool:
     return all(hasattr(module, a) for a in ("to_q", "to_k", "to_v", "to_out", "heads")) and hasattr(
         module.to_k, "in_features"
     )
+
+
+def find_layers(diffusion_model: nn.Module) -> list[LayerSpec]:
+    """Every site of this MODEL where identity attaches: its cross-attention layers (a UNet) or
+    its double-stream blocks (an MMDiT); empty for a model with neither."""
+    from ..host.mmdit import joint_blocks
+
+    joint = joint_blocks(diffusion_model)
+    if joint:
+        return [
+            LayerSpec(name, block.hidden_size, block.hidden_size, block.hidden_size, block.num_heads, JOINT)
+            for name, block in joint
+        ]
+    return find_cross_attention_layers(diffusion_model)
+
+
+JOINT = "joint_attention"
 
 
 def find_cross_attention_layers(diffusion_model: nn.Module) -> list[LayerSpec]:

@@ -1,4 +1,5 @@
-"""A PVA model: the identity encoder plus W'q/W'k/W'v for every cross-attention layer."""
+"""A PVA model: the identity encoder plus W'q/W'k/W'v for every layer identity attaches to
+(a UNet's cross-attention layers, an MMDiT's double-stream blocks)."""
 
 from typing import TYPE_CHECKING
 
@@ -7,7 +8,7 @@ from torch import nn
 
 from ..errors import PVAError
 from .encoder import IdentityEncoder
-from .layers import LayerSpec, family_label, find_cross_attention_layers
+from .layers import JOINT, LayerSpec, family_label, find_layers
 from .person_token import PersonToken
 
 if TYPE_CHECKING:
@@ -64,6 +65,10 @@ class PVAModel(nn.Module):
 
     def describe(self) -> str:
         token = f", person token {self.person_token.describe()}" if self.person_token is not None else ""
+        if self.layers[0].kind == JOINT:
+            return (
+                f"{self.family} ({len(self.layers)} double-stream blocks, {self.context_dim}-d tokens{token})"
+            )
         return f"{family_label(self.context_dim)} ({self.family}, {self.context_dim}-d context{token})"
 
     def projections_for(self, layer_name: str) -> ParallelProjections:
@@ -93,11 +98,12 @@ class PVAModel(nn.Module):
         Uses the checkpoint's own weights (LoRA weight patches are not folded in), also while
         ComfyUI has a patched clone of the same model loaded."""
         diffusion_model = model_patcher.model.diffusion_model
-        layers = find_cross_attention_layers(diffusion_model)
+        layers = find_layers(diffusion_model)
         if not layers:
             raise PVAError(
-                "model: this MODEL has no cross-attention layers (it does not use a text context), "
-                "so there is nothing for parallel visual attention to attach to."
+                f"model: this MODEL ({type(model_patcher.model.model_config).__name__}) has neither cross-attention "
+                "layers (SD1.x/2.x/XL) nor double-stream blocks (Flux, Flux.2), so there is nothing for "
+                "parallel visual attention to attach to."
             )
         context_dim = layers[0].context_dim
         family = type(model_patcher.model.model_config).__name__
@@ -110,16 +116,23 @@ class PVAModel(nn.Module):
             with torch.no_grad():
                 for spec in layers:
                     source, target = modules[spec.name], pva.projections_for(spec.name)
-                    for proj in ("to_q", "to_k", "to_v"):
-                        weight = _base_weight(
-                            model_patcher, f"diffusion_model.{spec.name}.{proj}.weight", source, proj
-                        )
-                        getattr(target, proj).weight.copy_(weight.detach().to("cpu", torch.float32))
+                    for proj, (weight_name, rows) in _initial_weights(spec, source).items():
+                        weight = _base_weight(model_patcher, spec.name, weight_name, source)
+                        getattr(target, proj).weight.copy_(weight[rows].detach().to("cpu", torch.float32))
         return pva
 
 
-def _base_weight(model_patcher: "ModelPatcher", key: str, module: nn.Module, name: str) -> torch.Tensor:
+def _initial_weights(spec: LayerSpec, module: nn.Module) -> dict[str, tuple[str, slice]]:
+    """Which of the layer's own weights (and which rows of them) each W' starts as."""
+    if spec.kind == JOINT:
+        from ..host.mmdit import projection_weights
+
+        return projection_weights(module)
+    return {proj: (f"{proj}.weight", slice(None)) for proj in ("to_q", "to_k", "to_v")}
+
+
+def _base_weight(model_patcher: "ModelPatcher", layer: str, weight: str, module: nn.Module) -> torch.Tensor:
     """The unpatched weight: while a clone with weight patches (a LoRA) is loaded, the live
     tensor holds the patched values and ComfyUI keeps the original in the shared backup."""
-    backup = getattr(model_patcher, "backup", {}).get(key)
-    return backup.weight if backup is not None else getattr(module, name).weight
+    backup = getattr(model_patcher, "backup", {}).get(f"diffusion_model.{layer}.{weight}")
+    return backup.weight if backup is not None else module.get_parameter(weight)

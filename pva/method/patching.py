@@ -1,7 +1,9 @@
-"""Apply parallel visual attention to a ComfyUI MODEL through ModelPatcher object patches.
+"""Apply parallel visual attention to a ComfyUI MODEL through its ModelPatcher.
 
-Every cross-attention module `attn2` is replaced, in a clone of the ModelPatcher, by a
-ParallelCrossAttention that shares the original's projections. The user's MODEL is never
+An identity (IdentityStream) attaches where the model's layers say (layers.py). In a UNet every
+cross-attention module `attn2` is replaced, in a clone of the ModelPatcher, by a
+ParallelCrossAttention that shares the original's projections (object patches); in an MMDiT each
+double-stream block gets a block replacement (joint_patching.py). The user's MODEL is never
 mutated: ComfyUI puts the original modules back when the clone is unpatched.
 """
 
@@ -17,7 +19,8 @@ from torch import nn
 from ..errors import PVAError
 from ..host.models import attention_precision
 from .attention import VisualKeys, parallel_attention
-from .layers import family_label, find_cross_attention_layers
+from .joint_patching import attach_joint
+from .layers import JOINT, family_label, find_layers
 
 if TYPE_CHECKING:
     from comfy.model_patcher import ModelPatcher
@@ -75,11 +78,13 @@ class IdentityStream:
 
     def visual_keys(self, layer_name: str, x: torch.Tensor, transformer_options: dict) -> VisualKeys:
         bias = self._bias(x, transformer_options)
-        to_q, key, value = self._projected(layer_name, x.device, x.dtype)
+        to_q, key, value = self.projected(layer_name, x.device, x.dtype)
         return VisualKeys(query=F.linear(x, to_q), key=key, value=value, bias=bias)
 
     # -- weights and tokens, cast to where the hidden states are ---------------------------
-    def _projected(self, layer_name: str, device: torch.device, dtype: torch.dtype):
+    def projected(
+        self, layer_name: str, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(W'q, W'k z, W'v z) on device/dtype. Cached for inference; recomputed (and
         differentiable) while gradients are enabled, i.e. during training."""
         proj = self.pva.projections_for(layer_name)
@@ -98,7 +103,7 @@ class IdentityStream:
         return hit[1]
 
     def _compute(self, proj: nn.Module, device: torch.device, dtype: torch.dtype):
-        tokens = self.tokens.to(device=device, dtype=torch.float32)
+        tokens = self.tokens.to(device=device, dtype=proj.to_k.weight.dtype)  # (float32: the PVA model's)
         key = F.linear(tokens, proj.to_k.weight.to(device)).to(dtype)
         value = F.linear(tokens, proj.to_v.weight.to(device)).to(dtype)
         return proj.to_q.weight.to(device=device, dtype=dtype), key, value
@@ -110,13 +115,19 @@ class IdentityStream:
         strength s multiplies the identity keys' share of attention by s before the joint
         softmax renormalizes (log-bias log s); -inf switches the stream off (strength 0
         anywhere is exactly the base model there)."""
-        batch, length = x.shape[0], x.shape[1]
+        grid = _token_grid(x.shape[1], transformer_options) if self.region is not None else None
+        return self.score_bias(x.shape[0], grid, transformer_options, x.device)
+
+    def score_bias(
+        self, batch: int, grid: tuple[int, int] | None, transformer_options: dict, device: torch.device
+    ) -> torch.Tensor | None:
+        """This stream's bias for a batch of `batch` on a (h, w) token grid: [B or 1, 1, h*w or 1, 1]."""
         cond_or_uncond = transformer_options.get("cond_or_uncond") if self.scope != "both" else None
-        grid = _token_grid(length, transformer_options) if self.region is not None else None
+        grid = grid if self.region is not None else None
         # The same for every layer with this token grid and every step with this batch layout.
-        key = ("bias", batch, grid, tuple(cond_or_uncond or ()), x.device)
+        key = ("bias", batch, grid, tuple(cond_or_uncond or ()), device)
         if key not in self._cache:
-            self._cache[key] = self._compute_bias(batch, grid, transformer_options, x.device)
+            self._cache[key] = self._compute_bias(batch, grid, transformer_options, device)
         return self._cache[key]
 
     def _compute_bias(
@@ -304,12 +315,24 @@ def _warn_about_attention_replacements(model_patcher: "ModelPatcher") -> None:
         )
 
 
+_ARCHITECTURE = {"cross_attention": "UNet with cross-attention", JOINT: "DiT with joint attention"}
+
+
 def check_compatible(pva: nn.Module, model_patcher: "ModelPatcher") -> None:
     """Explain, in the user's terms, why a PVA model does not fit a MODEL."""
-    layers = find_cross_attention_layers(model_patcher.model.diffusion_model)
+    layers = find_layers(model_patcher.model.diffusion_model)
     model_family = type(model_patcher.model.model_config).__name__
     if not layers:
-        raise PVAError("model: this MODEL has no cross-attention layers, so PVA cannot be applied to it.")
+        raise PVAError(
+            f"model: this MODEL ({model_family}) has neither cross-attention layers (SD1.x/2.x/XL) nor "
+            "double-stream blocks (Flux, Flux.2), so PVA cannot be applied to it."
+        )
+    if layers[0].kind != pva.layers[0].kind:
+        raise PVAError(
+            f"pva_model: this PVA model was made for {pva.describe()}, a {_ARCHITECTURE[pva.layers[0].kind]}; "
+            f"the MODEL is {model_family}, a {_ARCHITECTURE[layers[0].kind]}. Load a PVA file made for "
+            f"{model_family}, or initialize one from this MODEL."
+        )
     model_context = layers[0].context_dim
     if model_context != pva.context_dim:
         raise PVAError(
@@ -327,7 +350,7 @@ def check_compatible(pva: nn.Module, model_patcher: "ModelPatcher") -> None:
         raise PVAError(
             f"pva_model: its cross-attention layers do not match the MODEL's ({model_family}): "
             f"{len(missing)} layers missing, {len(extra)} unknown, {len(shape)} with other shapes "
-            f"(e.g. {example}). This PVA model was made for a differently built {pva.describe()} UNet."
+            f"(e.g. {example}). This PVA model was made for a differently built {pva.describe()}."
         )
 
 
@@ -376,8 +399,11 @@ def attach(model_patcher: "ModelPatcher", stream: IdentityStream) -> "ModelPatch
     fused attention call per layer. Whoever made the stream keeps it and may change its tokens
     (a trainer sets new ones every step)."""
     check_compatible(stream.pva, model_patcher)
-    _warn_about_attention_replacements(model_patcher)
     patched = model_patcher.clone()
+    if stream.pva.layers[0].kind == JOINT:
+        attach_joint(patched, stream)
+        return patched
+    _warn_about_attention_replacements(model_patcher)
     for spec in stream.pva.layers:
         key = f"diffusion_model.{spec.name}"
         current = patched.get_model_object(key)
@@ -385,6 +411,15 @@ def attach(model_patcher: "ModelPatcher", stream: IdentityStream) -> "ModelPatch
         streams = getattr(current, "pva_streams", ())
         patched.add_object_patch(key, ParallelCrossAttention(original, spec.name, streams + (stream,)))
     return patched
+
+
+def is_attached(patched: "ModelPatcher", pva: nn.Module) -> bool:
+    """Whether the live model runs with the identity: a UNet's object patches are applied only
+    while ComfyUI keeps the patched clone loaded; an MMDiT's block replacements always are."""
+    if pva.layers[0].kind == JOINT:
+        return True
+    layer = patched.model.diffusion_model.get_submodule(pva.layers[0].name)
+    return hasattr(layer, "pva_streams")
 
 
 def apply_identity(

@@ -8,6 +8,11 @@ provenance (json).
 Version 2 adds an optional person token: `person_token.<clip_l|clip_g>` [count, width] and the
 metadata `person_token` (json: name, class_word). Files without one are still written as version 1,
 so packs that read only version 1 keep reading them.
+
+Version 3: models of an MMDiT (family e.g. Flux, Flux2): layers are double-stream blocks
+(`layers.double_blocks.<i>.to_q.weight`), each layer's json has "kind": "joint_attention", and
+context_dim is the model's hidden width. Only such files are written as version 3, so an older
+pack refuses them with "update the pack" instead of misreading them.
 """
 
 import json
@@ -21,12 +26,12 @@ import torch
 from ..errors import PVAWeightsError
 from ..files import save_safetensors, write_atomically
 from .encoder import IdentityEncoder
-from .layers import LayerSpec
+from .layers import JOINT, LayerSpec
 from .model import PVAModel
 from .person_token import PersonToken
 
 FORMAT = "comfyui-pva"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 ENCODER_PREFIX = "identity_encoder."
 LAYER_PREFIX = "layers."
 TOKEN_PREFIX = "person_token."
@@ -52,7 +57,7 @@ def metadata_for_file(pva: PVAModel) -> dict[str, str]:
     )
     return {
         "format": FORMAT,
-        "format_version": "1" if token is None else str(FORMAT_VERSION),
+        "format_version": str(_version(pva)),
         "family": pva.family,
         "context_dim": str(pva.context_dim),
         "num_tokens": str(pva.num_tokens),
@@ -61,6 +66,13 @@ def metadata_for_file(pva: PVAModel) -> dict[str, str]:
         "provenance": json.dumps(pva.provenance),
         **extra,
     }
+
+
+def _version(pva: PVAModel) -> int:
+    """The oldest format that can hold this model (older packs keep reading what they can)."""
+    if pva.layers[0].kind == JOINT:
+        return 3
+    return 1 if pva.person_token is None else 2
 
 
 def save_pva(pva: PVAModel, path: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -141,3 +141,74 @@ def text_conditioning(patcher, seed: int = 7, tokens: int = 77) -> list:
     if patcher.model.model_config.unet_config.get("adm_in_channels"):
         extra["pooled_output"] = torch.randn(1, 1280, generator=generator)
     return [[torch.randn(1, tokens, context_dim, generator=generator), extra]]
+
+
+# comfy.model_detection's Flux / Flux.2 configs at a tiny width: 2 heads of 32 channels (RoPE axes
+# summing to 32), 2 double-stream and 1 single-stream block; text 32-d, pooled text 32-d.
+_FLUX_COMMON = dict(
+    patch_size=2, hidden_size=64, num_heads=2, depth=2, depth_single_blocks=1, context_in_dim=32,
+)  # fmt: skip
+FLUX_VARIANTS = {
+    "flux": dict(
+        _FLUX_COMMON, image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, mlp_ratio=4.0,
+        axes_dim=[8, 12, 12], theta=10000, qkv_bias=True, guidance_embed=True,
+    ),
+    # Flux.1 Fill: 16 noisy + 16 masked-image latent channels + the 8x8 mask packed into 64
+    "flux-fill": dict(
+        _FLUX_COMMON, image_model="flux", in_channels=96, out_channels=16, vec_in_dim=32, mlp_ratio=4.0,
+        axes_dim=[8, 12, 12], theta=10000, qkv_bias=True, guidance_embed=True,
+    ),
+    "flux2": dict(
+        _FLUX_COMMON, image_model="flux2", in_channels=128, out_channels=128, patch_size=1, vec_in_dim=None,
+        mlp_ratio=3.0, axes_dim=[8, 8, 8, 8], theta=2000, qkv_bias=False, guidance_embed=True,
+        global_modulation=True, mlp_silu_act=True, ops_bias=False, default_ref_method="index", ref_index_scale=10.0,
+    ),
+}  # fmt: skip
+
+
+def tiny_flux(variant: str = "flux", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A ModelPatcher around ComfyUI's Flux / Flux Fill / Flux.2 BaseModel at a tiny width, on CPU
+    (`overrides`: other config values, e.g. hidden_size and num_heads)."""
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    config_class = {"flux": sm.Flux, "flux-fill": sm.FluxInpaint, "flux2": sm.Flux2}[variant]
+    config = config_class(dict(FLUX_VARIANTS[variant], **overrides))
+    config.set_inference_dtype(dtype, None)
+    model = config.get_model({}, device=torch.device("cpu"))
+    fill_random(model.diffusion_model, seed)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
+    )
+
+
+def flux_inputs(patcher, batch: int = 2, size: int = 16, seed: int = 1, tokens: int = 12) -> dict:
+    """Deterministic latent x / timesteps / text context / pooled text / guidance for a direct call."""
+    generator = torch.Generator().manual_seed(seed)
+    config = patcher.model.model_config.unet_config
+    inputs = dict(
+        x=torch.randn(batch, config["in_channels"], size, size, generator=generator),
+        timestep=torch.tensor([0.5, 0.8][:batch] + [0.6] * max(0, batch - 2)),
+        context=torch.randn(batch, tokens, config["context_in_dim"], generator=generator),
+        guidance=torch.full((batch,), 3.5),
+    )
+    if config.get("vec_in_dim"):
+        inputs["y"] = torch.randn(batch, config["vec_in_dim"], generator=generator)
+    return inputs
+
+
+def run_dit(patcher, inputs: dict, transformer_options: dict | None = None) -> torch.Tensor:
+    """Patch the model, run the diffusion model once as ComfyUI's sampler would (the patcher's
+    transformer_options and wrappers), unpatch."""
+    import comfy.patcher_extension
+
+    options = dict(patcher.model_options.get("transformer_options", {}))
+    options["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patcher.wrappers)
+    options.update(transformer_options or {})
+    patcher.patch_model()
+    try:
+        with torch.no_grad():
+            return patcher.model.diffusion_model(**inputs, transformer_options=options)
+    finally:
+        patcher.unpatch_model()

@@ -358,5 +358,7 @@ def test_model_without_cross_attention_is_explained():
     patcher = comfy.model_patcher.ModelPatcher(
         model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
     )
-    with pytest.raises(PVAError, match="no cross-attention layers"):
+    with pytest.raises(
+        PVAError, match=r"\(SD15\) has neither cross-attention layers .* nor double-stream blocks \(Flux"
+    ):
         PVAModel.initialize_from(patcher)
