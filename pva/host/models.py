@@ -27,3 +27,10 @@ def attention_precision(layer_precision: torch.dtype | None, dtype: torch.dtype)
     from comfy.ldm.modules.attention import get_attn_precision
 
     return get_attn_precision(layer_precision, dtype)
+
+
+def is_inpainting_model(model_patcher: ModelPatcher) -> bool:
+    """Whether the MODEL takes the masked image and mask as extra input channels (SD inpainting,
+    Flux Fill): more input channels than it predicts."""
+    config = model_patcher.model.model_config.unet_config
+    return config.get("in_channels", 4) > config.get("out_channels", 4)

@@ -25,6 +25,7 @@ from ..errors import PVAError
 from ..host.conditioning import inpaint_conditioning_of_latents, masked_for_inpainting
 from ..host.loading import is_loaded
 from ..method.model import PVAModel
+from ..method.patching import is_attached
 from ..training.session import TrainingBatch, TrainingSession, face_weight, stratified_sigmas
 from .config import PretrainingConfig
 from .phases import StepPhases
@@ -127,8 +128,7 @@ class PretrainingSession(TrainingSession):
     def check_still_loaded(self) -> None:
         """ComfyUI may unload a model to make room for another: training on an unpatched UNet
         would learn nothing, silently."""
-        layer = self.patched.model.diffusion_model.get_submodule(self.pva.layers[0].name)
-        if not is_loaded(self.patched) or not hasattr(layer, "pva_streams"):
+        if not is_loaded(self.patched) or not is_attached(self.patched, self.pva):
             raise PVAError(
                 "ComfyUI unloaded the training UNet to make room for the VAE; lower batch_size or resolution, "
                 "or use gradient checkpointing, so that the UNet and the VAE fit on the GPU together."

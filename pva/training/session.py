@@ -22,6 +22,8 @@ import torch.utils.checkpoint
 
 from ..host.conditioning import denoised, model_conds
 from ..host.loading import unload
+from ..host.mmdit import differentiable_residuals, joint_blocks
+from ..host.models import is_inpainting_model
 from ..host.text import differentiable
 from ..method.model import PVAModel
 from ..method.patching import attach, check_compatible, identity_stream
@@ -87,7 +89,7 @@ class TrainingSession:
         check_compatible(pva, model_patcher)
         self.prompt = prompt  # when given, the person token trains through the text encoder
         # An inpainting model gets the paper's whole-latent loss; a regular model learns the face region only.
-        self.masked_loss = model_patcher.model.model_config.unet_config.get("in_channels", 4) <= 4
+        self.masked_loss = not is_inpainting_model(model_patcher)
         self.pva = pva
         self.train_which = train
         self.gradient_checkpointing = gradient_checkpointing
@@ -187,16 +189,22 @@ class TrainingSession:
         self._restore.append(undo)
 
     def _checkpoint_blocks(self, diffusion_model: torch.nn.Module) -> None:
-        """Recompute each UNet layer in the backward pass instead of storing its activations.
+        """Recompute each UNet layer (each DiT block) in the backward pass instead of storing
+        its activations.
 
         ComfyUI's UNet calls the layers inside each block directly (forward_timestep_embed),
-        so the layers, not the blocks, get the checkpointed forward."""
-        blocks = (
-            list(diffusion_model.input_blocks)
-            + [diffusion_model.middle_block]
-            + list(diffusion_model.output_blocks)
-        )
-        layers = [layer for block in blocks for layer in block]
+        so the layers, not the blocks, get the checkpointed forward. A DiT's blocks update their
+        inputs in place, so the recomputation is given copies (the originals stay as saved)."""
+        dit = bool(joint_blocks(diffusion_model))
+        if dit:
+            layers = [*diffusion_model.double_blocks, *diffusion_model.single_blocks]
+        else:
+            blocks = (
+                list(diffusion_model.input_blocks)
+                + [diffusion_model.middle_block]
+                + list(diffusion_model.output_blocks)
+            )
+            layers = [layer for block in blocks for layer in block]
         for layer in layers:
 
             def checkpointed(*args, _forward: Callable = layer.forward, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -204,7 +212,8 @@ class TrainingSession:
                 # forward proceeds: the recomputation must see them as they were now.
                 args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
                 kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
-                return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+                run = _on_copies(_forward, diffusion_model) if dit else _forward
+                return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
             layer.forward = checkpointed
         self._restore.append(lambda: [layer.__dict__.pop("forward", None) for layer in layers])
@@ -263,7 +272,7 @@ class TrainingSession:
     ) -> torch.Tensor:
         """The MODEL's denoised prediction of noisy latents x_t at noise levels `sigmas`."""
         self.stream.set_training_batch(tokens, keep)
-        with self._autocast():
+        with self._autocast(), differentiable_residuals(self.patched.model.diffusion_model):
             return denoised(self.patched.model, conds, x_t, sigmas, self.patched.model_options)
 
     def _uses_bf16(self) -> bool:
@@ -275,6 +284,19 @@ class TrainingSession:
 
     def _autocast(self):  # noqa: ANN202
         return torch.autocast("cuda", dtype=torch.bfloat16) if self._uses_bf16() else nullcontext()
+
+
+def _on_copies(forward: Callable, diffusion_model: torch.nn.Module) -> Callable:
+    """A DiT block's `forward` given copies of its tensor arguments (which it changes in place),
+    and, in the first run and the recomputation alike, its in-place residual updates made safe."""
+
+    def run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        with differentiable_residuals(diffusion_model):
+            return forward(*args, **kwargs)
+
+    return run
 
 
 def _normal_alias(tensor: torch.Tensor) -> torch.Tensor:

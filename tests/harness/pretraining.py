@@ -16,13 +16,15 @@ from .models import tiny_model, tiny_vae
 from .synthetic_people import person_photos, write_people
 
 
-def tiny_text_encoder(context_dim: int = 768):  # noqa: ANN201
-    """A deterministic stand-in for CLIP: each caption gets its own fixed random context."""
+def tiny_text_encoder(context_dim: int = 768, pooled_dim: int | None = None):  # noqa: ANN201
+    """A deterministic stand-in for CLIP (or Flux's T5 + CLIP, with a pooled output): each caption
+    gets its own fixed random context."""
 
-    def encode(caption: str) -> tuple[torch.Tensor, None]:
+    def encode(caption: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         seed = int.from_bytes(hashlib.sha256(caption.encode()).digest()[:7], "little")
         generator = torch.Generator().manual_seed(seed)
-        return torch.randn(1, 77, context_dim, generator=generator), None
+        context = torch.randn(1, 77, context_dim, generator=generator)
+        return context, None if pooled_dim is None else torch.randn(1, pooled_dim, generator=generator)
 
     return encode
 
