@@ -33,9 +33,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d, s = PretrainingConfig(output_dir=Path(".")), SampleSettings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = p.add_argument_group("what and where")
-    where.add_argument(
-        "--checkpoint", required=True, help="the base model (SD1.x / SD2.x / SDXL; inpainting or not)"
+    base = where.add_mutually_exclusive_group(required=True)
+    base.add_argument(
+        "--checkpoint", help="the base model in one file (SD1.x / SD2.x / SDXL; inpainting or not)"
     )
+    base.add_argument(
+        "--diffusion-model",
+        help="or the base in separate files (Flux, Flux Fill, Flux.2): its diffusion model",
+    )
+    where.add_argument(
+        "--text-encoders", nargs="+", help="with --diffusion-model: e.g. clip_l.safetensors t5xxl.safetensors"
+    )
+    where.add_argument(
+        "--clip-type", default="flux", help="with --diffusion-model: ComfyUI's CLIP type (flux, flux2, ...)"
+    )
+    where.add_argument("--vae", help="with --diffusion-model: the VAE file (e.g. ae.safetensors)")
     where.add_argument("--data", required=True, help="folder per person, or a CelebAHQ-IDI export")
     where.add_argument("--layout", default="auto", choices=["auto", "folders", "celebahq-idi"])
     where.add_argument("--cache", required=True, help="the face cache scripts/preprocess_faces.py made")
@@ -89,7 +101,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     out.add_argument("--preview-samples", type=int, default=d.preview_samples, help="rows of the sample grid")
     out.add_argument("--preview-steps", type=int, default=d.preview_steps, help="sampling steps of the grid")
     out.add_argument("--log-with", default="tensorboard", choices=["tensorboard", "none"])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    split = {"--text-encoders": args.text_encoders, "--vae": args.vae}
+    if args.diffusion_model and not all(split.values()):
+        p.error("--diffusion-model needs --text-encoders and --vae (the files ComfyUI loads beside it).")
+    if args.checkpoint and any(split.values()):
+        p.error(
+            f"{' and '.join(k for k, v in split.items() if v)} go with --diffusion-model; a --checkpoint holds its own."
+        )
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     from pva.pretraining.config import PretrainingConfig
     from pva.pretraining.run import config_for_logging, pretrain
     from pva.pretraining.samples import SampleSettings
-    from pva.pretraining.session import load_base
+    from pva.pretraining.session import load_base, load_split_base
 
     config = PretrainingConfig(
         output_dir=Path(args.output),
@@ -176,7 +196,10 @@ def run(args: argparse.Namespace) -> int:
         from pva.faces.facenet import load_facenet_model
 
         facenet = load_facenet_model(args.facenet)
-    base = load_base(args.checkpoint)
+    if args.checkpoint:
+        base = load_base(args.checkpoint)
+    else:
+        base = load_split_base(args.diffusion_model, args.text_encoders, args.clip_type, args.vae)
     if accelerator.is_main_process:
         print(dataset.describe(), flush=True)
         print(
@@ -192,7 +215,10 @@ def run(args: argparse.Namespace) -> int:
     )
     accelerator.end_training()
     if accelerator.is_main_process:
-        final = Path(args.output) / f"pva-{Path(args.checkpoint).stem}-step{config.max_steps}.safetensors"
+        final = (
+            Path(args.output)
+            / f"pva-{Path(args.checkpoint or args.diffusion_model).stem}-step{config.max_steps}.safetensors"
+        )
         save_pva(result.pva, final, overwrite=True)
         print(f"saved {final} (copy it to ComfyUI/models/pva/ to use it with Load PVA Model)")
     return 0

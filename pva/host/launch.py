@@ -79,6 +79,50 @@ def load_checkpoint(path: str | os.PathLike) -> tuple:
     return model, clip, vae
 
 
+def load_split_model(
+    diffusion_model: str | os.PathLike, text_encoders: list, clip_type: str, vae: str | os.PathLike
+) -> tuple:
+    """MODEL, CLIP and VAE from separate files (Flux and other DiTs ship so), as Load Diffusion
+    Model, the CLIP loaders (CLIPLoader / DualCLIPLoader, `clip_type` e.g. flux) and Load VAE load
+    them; each missing or unreadable file is named."""
+    import comfy.sd
+    import comfy.utils
+
+    paths = {
+        "--diffusion-model": [Path(diffusion_model)],
+        "--text-encoders": [Path(p) for p in text_encoders],
+        "--vae": [Path(vae)],
+    }
+    for option, files in paths.items():
+        for path in files:
+            if not path.is_file():
+                raise PVAWeightsError(f"{option}: {path} not found.")
+    types = {t.name.lower(): t for t in comfy.sd.CLIPType}
+    if clip_type not in types:
+        raise PVAError(f"--clip-type: {clip_type!r} is not one of ComfyUI's: {', '.join(sorted(types))}.")
+    loaded = []
+    for option, load in (
+        ("--diffusion-model", lambda: comfy.sd.load_diffusion_model(str(paths["--diffusion-model"][0]))),
+        (
+            "--text-encoders",
+            lambda: comfy.sd.load_clip(
+                ckpt_paths=[str(p) for p in paths["--text-encoders"]], clip_type=types[clip_type]
+            ),
+        ),
+        ("--vae", lambda: comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(paths["--vae"][0])))),
+    ):
+        try:
+            loaded.append(load())
+        except Exception as error:  # ComfyUI raises plain RuntimeErrors for files it cannot read
+            names = ", ".join(str(p) for p in paths[option])
+            raise PVAWeightsError(f"{option}: {names} cannot be loaded by ComfyUI ({error}).") from None
+    if loaded[0] is None:
+        raise PVAWeightsError(
+            f"--diffusion-model: ComfyUI recognises no diffusion model in {paths['--diffusion-model'][0]}."
+        )
+    return tuple(loaded)
+
+
 def comfyui_version() -> str:
     import comfyui_version as version  # ComfyUI's own module (0.3.x and later)
 

@@ -54,13 +54,29 @@ def load_base(checkpoint: str | os.PathLike) -> Base:
 
     path = Path(checkpoint)
     model, clip, vae = load_checkpoint(path)
+    return _base(model, clip, vae, path.name, [path])
 
+
+def load_split_base(
+    diffusion_model: str | os.PathLike, text_encoders: list, clip_type: str, vae: str | os.PathLike
+) -> Base:
+    """A base from separate files (a Flux model, its text encoders, its VAE), as ComfyUI's
+    Load Diffusion Model, CLIP loaders and Load VAE load them."""
+    from ..host.launch import load_split_model
+
+    model, clip, vae_model = load_split_model(diffusion_model, text_encoders, clip_type, vae)
+    files = [Path(diffusion_model), *map(Path, text_encoders)]
+    return _base(model, clip, vae_model, Path(diffusion_model).name, files)
+
+
+def _base(model: ModelPatcher, clip, vae: VAE, name: str, files: list[Path]) -> Base:  # noqa: ANN001
     def encode(text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         ((cond, extra),) = clip.encode_from_tokens_scheduled(clip.tokenize(text))
         return cond, extra.get("pooled_output")
 
-    stat = path.stat()
-    return Base(model, vae, encode, path.name, f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    # the text cache is keyed by the files the text encoder came from
+    fingerprint = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    return Base(model, vae, encode, name, fingerprint)
 
 
 @dataclass

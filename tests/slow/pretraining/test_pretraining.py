@@ -364,3 +364,44 @@ def test_pretraining_learns_identity_on_people_it_never_saw(world, tmp_path):
     # the control: before pretraining, the right person's tokens are no better than another's
     assert abs(before["other"] / before["own"] - 1) < 0.001, before
     assert after["own"] < before["own"], (before, after)
+
+
+@pytest.mark.test_models("sd15-inpainting-small-random")
+def test_command_line_pretrains_from_separate_model_files(world, tmp_path):
+    """The way Flux ships (diffusion model, text encoders, VAE in separate files), loaded by
+    ComfyUI's own Load Diffusion Model, CLIP loader and Load VAE: here the small SD1.5-inpainting
+    checkpoint taken apart into those three files. Bad combinations of options are refused."""
+    from harness.checkpoints import sd15_inpaint_small_checkpoint
+    from safetensors.torch import save_file
+
+    from pva.method.weights import load_pva, read_metadata
+
+    whole = load_file(str(sd15_inpaint_small_checkpoint()))
+    parts = {"unet.safetensors": "model.diffusion_model.", "clip.safetensors": "cond_stage_model.transformer.", "vae.safetensors": "first_stage_model."}  # fmt: skip
+    for name, prefix in parts.items():
+        save_file(
+            {k[len(prefix) :]: v for k, v in whole.items() if k.startswith(prefix)}, str(tmp_path / name)
+        )
+    del whole
+    out = tmp_path / "run"
+    command = [
+        sys.executable, str(REPO_ROOT / "scripts" / "pretrain.py"), "--diffusion-model", str(tmp_path / "unet.safetensors"),
+        "--text-encoders", str(tmp_path / "clip.safetensors"), "--clip-type", "stable_diffusion",
+        "--vae", str(tmp_path / "vae.safetensors"), "--data", str(world.data), "--cache", str(world.cache),
+        "--output", str(out), "--max-steps", "1", "--batch-size", "1", "--gradient-accumulation", "1",
+        "--time-bins", "1", "--resolution", "64", "--workers", "0", "--validation-samples", "2",
+        "--preview-samples", "0", "--latents", "per-step",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    final = out / "pva-unet-step1.safetensors"
+    assert load_pva(final).family == "SD15"
+    assert json.loads(read_metadata(final)["provenance"])["pretrained"]["base"] == "unet.safetensors"
+    for drop, message in (("--vae", "--diffusion-model needs --text-encoders and --vae"),):
+        at = command.index(drop)
+        bad = command[:at] + command[at + 2 :]
+        done = subprocess.run(bad, env=_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    bad = [*command, "--checkpoint", str(tmp_path / "unet.safetensors")]
+    done = subprocess.run(bad, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "not allowed with argument" in done.stderr
