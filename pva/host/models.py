@@ -34,3 +34,9 @@ def is_inpainting_model(model_patcher: ModelPatcher) -> bool:
     Flux Fill): more input channels than it predicts."""
     config = model_patcher.model.model_config.unet_config
     return config.get("in_channels", 4) > config.get("out_channels", 4)
+
+
+def has_image_latents(model_patcher: ModelPatcher) -> bool:
+    """Whether the MODEL works on [B, C, H, W] image latents (not a video-style [B, C, T, H, W]
+    latent, as Qwen-Image's Wan VAE gives)."""
+    return model_patcher.model.latent_format.latent_dimensions == 2

@@ -1,4 +1,5 @@
-"""Parallel visual attention on an MMDiT's joint attention (Flux double-stream blocks).
+"""Parallel visual attention on an MMDiT's joint attention (Flux's double-stream blocks,
+Qwen-Image's transformer blocks).
 
 In a double-stream block, text tokens t and image tokens x have their own projections and then
 attend together in one softmax over the keys [t; x]. PVA adds the identity tokens z (the identity
@@ -14,8 +15,10 @@ branches, on Kontext's reference-image tokens). Text rows are the block's own co
 as the block's image query weights and text key/value weights (without their biases), so at
 initialization identity tokens are read the way the block reads text tokens. Decisions:
 - Identity keys get the text keys' QK-norm and no rotation: Flux's text tokens sit at position 0,
-  where RoPE is the identity, so identity tokens are positioned like text. The parallel query gets
-  the image query's rotation, as the image queries that meet the text keys have it.
+  where RoPE is the identity, so identity tokens are positioned like text. (Qwen-Image gives its
+  text tokens positions after the image's; identity tokens stay unrotated there too: they have no
+  place in the sequence.) The parallel query gets the image query's rotation, as the image queries
+  that meet the text keys have it.
 - Text queries do not attend to identity tokens: the identity acts on the image (and only within
   its region), and the text stream stays the prompt's.
 - Double-stream blocks only: single-stream blocks have no separate text projection to initialize
@@ -110,7 +113,7 @@ class JointBlockIdentity:
         """One stream's parallel queries [B, I, inner] for the image rows, its keys and values
         [1, M, inner] and its bias [B or 1, 1, I or 1, 1]."""
         batch, length, _ = x.shape
-        heads = self.block.num_heads
+        heads = mmdit.block_width(self.block)[1]
         to_q, key, value = stream.projected(self.layer_name, x.device, x.dtype)
         query = _split(F.linear(x, to_q), heads)
         query = mmdit.norm_query(self.block, query)

@@ -2,8 +2,8 @@
 
 Two kinds of attachment site, one per model architecture:
 - "cross_attention": a UNet's (SD1.x/2.x/XL) text cross-attention `attn2` (patching.py);
-- "joint_attention": an MMDiT double-stream block (Flux, Flux Fill/Kontext, Flux.2), whose text and
-  image tokens share one softmax (joint_patching.py).
+- "joint_attention": an MMDiT double-stream block (Flux, Flux Fill/Kontext, Flux.2, Qwen-Image),
+  whose text and image tokens share one softmax (joint_patching.py).
 """
 
 from dataclasses import dataclass
@@ -59,14 +59,11 @@ def is_cross_attention(module: nn.Module) -> bool:
 def find_layers(diffusion_model: nn.Module) -> list[LayerSpec]:
     """Every site of this MODEL where identity attaches: its cross-attention layers (a UNet) or
     its double-stream blocks (an MMDiT); empty for a model with neither."""
-    from ..host.mmdit import joint_blocks
+    from ..host.mmdit import block_width, joint_blocks
 
-    joint = joint_blocks(diffusion_model)
+    joint = [(name, *block_width(block)) for name, block in joint_blocks(diffusion_model)]
     if joint:
-        return [
-            LayerSpec(name, block.hidden_size, block.hidden_size, block.hidden_size, block.num_heads, JOINT)
-            for name, block in joint
-        ]
+        return [LayerSpec(name, width, width, width, heads, JOINT) for name, width, heads in joint]
     return find_cross_attention_layers(diffusion_model)
 
 

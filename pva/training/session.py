@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from ..errors import PVAError
 from ..host.conditioning import denoised, model_conds
 from ..host.loading import unload
-from ..host.mmdit import differentiable_residuals, joint_blocks
-from ..host.models import is_inpainting_model
+from ..host.mmdit import differentiable_residuals, joint_blocks, transformer_blocks
+from ..host.models import has_image_latents, is_inpainting_model
 from ..host.text import differentiable
 from ..method.model import PVAModel
 from ..method.patching import attach, check_compatible, identity_stream
@@ -87,6 +88,11 @@ class TrainingSession:
         prompt: TokenPrompt | None = None,
     ):
         check_compatible(pva, model_patcher)
+        if not has_image_latents(model_patcher):
+            raise PVAError(
+                f"model: training on {type(model_patcher.model.model_config).__name__} is not supported yet (its "
+                "latents are video-style [B, C, T, H, W]); Apply PVA Identity works on it with a PVA model trained elsewhere."
+            )
         self.prompt = prompt  # when given, the person token trains through the text encoder
         # An inpainting model gets the paper's whole-latent loss; a regular model learns the face region only.
         self.masked_loss = not is_inpainting_model(model_patcher)
@@ -197,7 +203,7 @@ class TrainingSession:
         inputs in place, so the recomputation is given copies (the originals stay as saved)."""
         dit = bool(joint_blocks(diffusion_model))
         if dit:
-            layers = [*diffusion_model.double_blocks, *diffusion_model.single_blocks]
+            layers = transformer_blocks(diffusion_model)
         else:
             blocks = (
                 list(diffusion_model.input_blocks)

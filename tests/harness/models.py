@@ -166,6 +166,38 @@ FLUX_VARIANTS = {
 }  # fmt: skip
 
 
+# comfy.model_detection's Qwen-Image config at a tiny width: 2 heads of 32 channels, 2 blocks.
+QWEN_IMAGE = dict(
+    image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
+    num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(8, 12, 12),
+)  # fmt: skip
+
+
+def tiny_qwen_image(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ModelPatcher around ComfyUI's QwenImage BaseModel at a tiny width, on CPU."""
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    config = sm.QwenImage(dict(QWEN_IMAGE))
+    config.set_inference_dtype(dtype, None)
+    model = config.get_model({}, device=torch.device("cpu"))
+    fill_random(model.diffusion_model, seed)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
+    )
+
+
+def _host_flux_params(variant: str) -> dict:
+    """Config keys only newer hosts' FluxParams have (and require): comfy.model_detection's
+    txt_ids_dims (hosts after 0.3.75: Flux.2 numbers its text tokens on RoPE axis 3, Flux.1 on none)."""
+    from comfy.ldm.flux.model import FluxParams
+
+    if "txt_ids_dims" not in FluxParams.__dataclass_fields__:
+        return {}
+    return {"txt_ids_dims": [3] if variant == "flux2" else []}
+
+
 def tiny_flux(variant: str = "flux", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
     """A ModelPatcher around ComfyUI's Flux / Flux Fill / Flux.2 BaseModel at a tiny width, on CPU
     (`overrides`: other config values, e.g. hidden_size and num_heads)."""
@@ -173,7 +205,7 @@ def tiny_flux(variant: str = "flux", seed: int = 0, dtype: torch.dtype = torch.f
     import comfy.supported_models as sm
 
     config_class = {"flux": sm.Flux, "flux-fill": sm.FluxInpaint, "flux2": sm.Flux2}[variant]
-    config = config_class(dict(FLUX_VARIANTS[variant], **overrides))
+    config = config_class(dict(FLUX_VARIANTS[variant], **_host_flux_params(variant), **overrides))
     config.set_inference_dtype(dtype, None)
     model = config.get_model({}, device=torch.device("cpu"))
     fill_random(model.diffusion_model, seed)
@@ -187,9 +219,16 @@ def flux_inputs(patcher, batch: int = 2, size: int = 16, seed: int = 1, tokens: 
     """Deterministic latent x / timesteps / text context / pooled text / guidance for a direct call."""
     generator = torch.Generator().manual_seed(seed)
     config = patcher.model.model_config.unet_config
+    timestep = torch.tensor([0.5, 0.8][:batch] + [0.6] * max(0, batch - 2))
+    if config["image_model"] == "qwen_image":  # latents [B, 16, 1, H, W], text of joint_attention_dim
+        return dict(
+            x=torch.randn(batch, config["out_channels"], 1, size, size, generator=generator),
+            timestep=timestep,
+            context=torch.randn(batch, tokens, config["joint_attention_dim"], generator=generator),
+        )
     inputs = dict(
         x=torch.randn(batch, config["in_channels"], size, size, generator=generator),
-        timestep=torch.tensor([0.5, 0.8][:batch] + [0.6] * max(0, batch - 2)),
+        timestep=timestep,
         context=torch.randn(batch, tokens, config["context_in_dim"], generator=generator),
         guidance=torch.full((batch,), 3.5),
     )

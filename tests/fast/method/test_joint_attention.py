@@ -1,10 +1,10 @@
-"""Parallel visual attention on MMDiT joint attention: ComfyUI's own Flux, Flux Fill and Flux.2
-classes at a tiny width (random weights), through ModelPatcher and a real sampler."""
+"""Parallel visual attention on MMDiT joint attention: ComfyUI's own Flux, Flux Fill, Flux.2 and
+Qwen-Image classes at a tiny width (random weights), through ModelPatcher and a real sampler."""
 
 import comfy.sample
 import pytest
 import torch
-from harness.models import flux_inputs, run_dit, tiny_flux, tiny_model
+from harness.models import flux_inputs, run_dit, tiny_flux, tiny_model, tiny_qwen_image
 
 from pva.errors import PVAError, PVAWeightsError
 from pva.method import joint_patching
@@ -12,7 +12,11 @@ from pva.method.model import PVAModel
 from pva.method.patching import apply_identity
 from pva.method.weights import load_pva, read_metadata, save_pva
 
-VARIANTS = ["flux", "flux-fill", "flux2"]
+VARIANTS = ["flux", "flux-fill", "flux2", "qwen-image"]
+
+
+def _dit(variant):
+    return tiny_qwen_image() if variant == "qwen-image" else tiny_flux(variant)
 
 
 def _tokens(pva, seed):
@@ -22,37 +26,50 @@ def _tokens(pva, seed):
 
 @pytest.fixture(scope="module", params=VARIANTS)
 def flux_setup(request):
-    model = tiny_flux(request.param)
+    model = _dit(request.param)
     pva = PVAModel.initialize_from(model, num_tokens=4, seed=0, encoder_depth=1)
     return request.param, model, pva
 
 
 def _sample(model, seed=3, steps=3):
     config = model.model.model_config.unet_config
-    latent = torch.zeros(1, config["out_channels"], 8, 8)
-    noise = comfy.sample.prepare_noise(latent, seed)
     g = torch.Generator().manual_seed(7)
-    extra = {"guidance": 3.5, "pooled_output": None}  # Flux.2 has no pooled text
-    if config.get("vec_in_dim"):
-        extra["pooled_output"] = torch.randn(1, config["vec_in_dim"], generator=g)
-    positive = [[torch.randn(1, 12, config["context_in_dim"], generator=g), extra]]
+    if config["image_model"] == "qwen_image":  # video-style latents [B, C, T, H, W]
+        latent = torch.zeros(1, config["out_channels"], 1, 8, 8)
+        positive = [[torch.randn(1, 12, config["joint_attention_dim"], generator=g), {}]]
+    else:
+        latent = torch.zeros(1, config["out_channels"], 8, 8)
+        extra = {"guidance": 3.5, "pooled_output": None}  # Flux.2 has no pooled text
+        if config.get("vec_in_dim"):
+            extra["pooled_output"] = torch.randn(1, config["vec_in_dim"], generator=g)
+        positive = [[torch.randn(1, 12, config["context_in_dim"], generator=g), extra]]
+    noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(
         model, noise, steps, 1.0, "euler", "simple", positive, positive, latent, denoise=1.0, seed=seed
     )
 
 
+def _own_weights(variant, block, hidden):
+    """The block's image query, text key and text value weights, read off its own layout."""
+    if variant == "qwen-image":
+        return block.attn.to_q.weight, block.attn.add_k_proj.weight, block.attn.add_v_proj.weight
+    img, txt = block.img_attn.qkv.weight, block.txt_attn.qkv.weight  # fused [q; k; v] rows
+    return img[:hidden], txt[hidden : 2 * hidden], txt[2 * hidden :]
+
+
 def test_initialized_from_the_blocks_image_query_and_text_key_value_weights(flux_setup):
-    _, model, pva = flux_setup
-    hidden = model.model.diffusion_model.hidden_size
-    assert [s.name for s in pva.layers] == ["double_blocks.0", "double_blocks.1"]
+    variant, model, pva = flux_setup
+    hidden = 64
+    container = "transformer_blocks" if variant == "qwen-image" else "double_blocks"
+    assert [s.name for s in pva.layers] == [f"{container}.0", f"{container}.1"]
     assert pva.context_dim == hidden and all(s.kind == "joint_attention" for s in pva.layers)
     for spec in pva.layers:
         block = model.model.diffusion_model.get_submodule(spec.name)
         proj = pva.projections_for(spec.name)
-        img, txt = block.img_attn.qkv.weight, block.txt_attn.qkv.weight
-        assert torch.equal(proj.to_q.weight, img[:hidden])
-        assert torch.equal(proj.to_k.weight, txt[hidden : 2 * hidden])
-        assert torch.equal(proj.to_v.weight, txt[2 * hidden :])
+        q, k, v = _own_weights(variant, block, hidden)
+        assert torch.equal(proj.to_q.weight, q)
+        assert torch.equal(proj.to_k.weight, k)
+        assert torch.equal(proj.to_v.weight, v)
 
 
 def test_strength_zero_and_inactive_identity_are_bit_exact_through_a_sampler(flux_setup):
@@ -96,10 +113,12 @@ def test_fused_joint_softmax_equals_the_written_out_reference(flux_setup, monkey
 def _first_block_image(patcher, inputs):
     """The image tokens leaving the first double-stream block (before any later block mixes them)."""
     captured = {}
-    block = patcher.model.diffusion_model.double_blocks[0]
+    model = patcher.model.diffusion_model
+    qwen = hasattr(model, "transformer_blocks")
+    block = model.transformer_blocks[0] if qwen else model.double_blocks[0]
 
-    def keep(module, args, out):
-        captured.setdefault("img", out[0].clone())
+    def keep(module, args, out):  # Flux's blocks return (img, txt), Qwen-Image's (txt, img)
+        captured.setdefault("img", out[1 if qwen else 0].clone())
 
     hook = block.register_forward_hook(keep)
     try:
@@ -185,16 +204,16 @@ def test_flux_pva_file_round_trips_and_records_its_architecture(tmp_path):
         weights.FORMAT_VERSION = saved
 
 
-@pytest.mark.parametrize("variant", ["flux", "flux2"])
+@pytest.mark.parametrize("variant", ["flux", "flux2", "qwen-image"])
 def test_at_initialization_the_parallel_query_is_the_blocks_own_image_query(variant, monkeypatch):
     """W'q starts as the block's image query weights, so (without the qkv bias, which W' does
     not copy) q' must be exactly the query the block itself computes for each image token:
     same modulation (Flux.2: the model's global one), QK-norm and rotation. Control: the text
     rows' queries are another thing."""
-    model = tiny_flux(variant)
-    for block in model.model.diffusion_model.double_blocks:
-        if block.img_attn.qkv.bias is not None:
-            block.img_attn.qkv.bias.data.zero_()
+    model = _dit(variant)
+    for name, parameter in model.model.diffusion_model.named_parameters():
+        if name.endswith(("img_attn.qkv.bias", "attn.to_q.bias")):
+            parameter.data.zero_()
     pva = PVAModel.initialize_from(model, num_tokens=4, encoder_depth=1)
     seen = []
     fused = joint_patching.joint_attention
@@ -210,3 +229,46 @@ def test_at_initialization_the_parallel_query_is_the_blocks_own_image_query(vari
         assert rows.start == 12 and rows.stop == q.shape[1]  # [12 text tokens; image tokens]
         assert (parallel - q[:, rows]).abs().max() <= 1e-5
         assert (parallel[:, :12] - q[:, :12]).abs().max() > 0.1
+
+
+def test_kontext_reference_tokens_never_see_the_identity():
+    """Flux Kontext appends a reference image's tokens after the target's: in the first block the
+    identity changes the target's tokens and leaves the reference's exactly as they were."""
+    model = tiny_flux("flux")
+    pva = PVAModel.initialize_from(model, num_tokens=4, encoder_depth=1)
+    inputs = flux_inputs(model, batch=1, size=16)
+    inputs["ref_latents"] = [torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(5))]
+    base = _first_block_image(model, inputs)[0]
+    person = _first_block_image(apply_identity(model, pva, _tokens(pva, 1)), inputs)[0]
+    assert base.shape[0] == 64 + 16  # 8x8 target tokens, then 4x4 reference tokens
+    change = (person - base).abs().amax(dim=-1)
+    assert change[:64].min() > 1e-4
+    assert change[64:].max() <= 1e-5
+
+
+def test_flux2_reference_images_at_timestep_zero_keep_the_targets_own_parallel_query(monkeypatch):
+    """Flux.2's "index_timestep_zero" reference method (hosts after 0.3.75) modulates the target
+    image's tokens with the sampled timestep and the reference image's with t = 0 (one modulation
+    row each): the target tokens' parallel query is still the block's own image query, and the
+    reference tokens never see the identity. (On older hosts the method is unknown and the
+    references are placed by offset: the same holds.)"""
+    model = tiny_flux("flux2")
+    pva = PVAModel.initialize_from(model, num_tokens=4, encoder_depth=1)
+    seen = []
+    fused = joint_patching.joint_attention
+
+    def spy(q, k, v, visual, rows, heads):
+        seen.append((q, visual[0].query, visual[0].bias, rows))
+        return fused(q, k, v, visual, rows, heads)
+
+    monkeypatch.setattr(joint_patching, "joint_attention", spy)
+    inputs = flux_inputs(model, batch=1, size=16)
+    reference = torch.randn(1, 128, 8, 8, generator=torch.Generator().manual_seed(5))
+    inputs.update(ref_latents=[reference], ref_latents_method="index_timestep_zero")
+    out = run_dit(apply_identity(model, pva, _tokens(pva, 1)), inputs)
+    assert torch.isfinite(out).all() and len(seen) == 2
+    target = 16 * 16  # Flux.2: 1x1 patches of the 16x16 latent, then the 8x8 reference's 64 tokens
+    for q, parallel, bias, rows in seen:
+        assert rows.stop - rows.start == target + 64
+        assert (parallel[:, :target] - q[:, rows][:, :target]).abs().max() <= 1e-5
+        assert bias is not None and torch.isinf(bias[:, :, target:]).all()
