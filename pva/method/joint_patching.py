@@ -159,24 +159,22 @@ def _joint_attention(func, *args, visual: list[VisualKeys], rows: slice, previou
     if kwargs.get("mask") is not None or not kwargs.get("skip_reshape"):
         return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
     q, k, v = (mmdit.plain(t) for t in args[:3])
-    heads = args[3]
     dtype = q.dtype
     precision = attention_precision(kwargs.get("attn_precision"), dtype)
     work = torch.float32 if precision == torch.float32 else dtype
     visual = [VisualKeys(s.query.to(work), s.key.to(work), s.value.to(work), s.bias) for s in visual]
-    out = joint_attention(_merge(q).to(work), _merge(k).to(work), _merge(v).to(work), visual, rows, heads)
-    if kwargs.get("skip_output_reshape"):
-        return _split(out.to(dtype), heads)
-    return out.to(dtype)
+    out = joint_attention(q.to(work), k.to(work), v.to(work), visual, rows).to(dtype)
+    return out if kwargs.get("skip_output_reshape") else _merge(out)
 
 
 def joint_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visual: list[VisualKeys], rows: slice, heads: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visual: list[VisualKeys], rows: slice
 ) -> torch.Tensor:
     """The joint softmax with identity keys for the image rows, in one fused SDPA call.
 
-    q, k, v: [B, N, inner] of the joint sequence; visual: per identity stream, its queries for
-    the image rows [B, I, inner], keys and values [1 or B, M, inner], bias over the image rows.
+    q, k, v: [B, H, N, D] of the joint sequence (as the block computes them); visual: per identity
+    stream, its queries for the image rows [B, I, H*D], keys and values [1 or B, M, H*D], bias
+    over the image rows. Returns [B, H, N, D].
 
     The identity scores are few per row (M), so they are computed first, S = q' K'^T + b/scale
     ([B, H, I, M]), and appended to each row's query as M extra channels; each identity key is a
@@ -185,23 +183,26 @@ def joint_attention(
     kernels want) then scores q.k for the block's keys and S for the identity keys, in the same
     softmax. (attention.py's construction, a second query of width D per stream, would double
     the cost of this N x N attention; this one adds sum(M)/D.)"""
-    batch, length, inner = q.shape
-    dim = inner // heads
+    batch, heads, length, dim = q.shape
     scale = dim**-0.5
     extra = sum(s.key.shape[1] for s in visual)
     width = -(-(dim + extra) // 8) * 8
-    q, k, v = (_split(t, heads) for t in (q, k, v))  # [B, H, N, D]
-    scores = [_identity_scores(s, batch, heads, scale) for s in visual]  # [B, H, I, M] each
-    off = torch.full((batch, heads, length, extra), _OFF / scale, dtype=q.dtype, device=q.device)
-    off[:, :, rows] = torch.cat(scores, dim=-1).to(q.dtype)
-    wide_q = F.pad(torch.cat([q, off], dim=-1), (0, width - dim - extra))
-    one_hot = torch.eye(extra, dtype=q.dtype, device=q.device)  # identity key j: 1 on channel D + j
-    identity_keys = F.pad(one_hot, (dim, width - dim - extra)).expand(batch, heads, extra, width)
-    wide_k = torch.cat([F.pad(k, (0, width - dim)), identity_keys], dim=2)
-    identity_values = torch.cat([_split(s.value, heads).expand(batch, -1, -1, -1) for s in visual], dim=2)
-    wide_v = F.pad(torch.cat([v, identity_values.to(v.dtype)], dim=2), (0, width - dim))
-    out = F.scaled_dot_product_attention(wide_q, wide_k, wide_v, scale=scale)
-    return _merge(out[..., :dim])
+    scores = torch.cat([_identity_scores(s, batch, heads, scale) for s in visual], dim=-1)  # [B, H, I, M]
+    # each wide tensor is made once and filled in place (no intermediate copies of N x D)
+    wide_q = q.new_zeros(batch, heads, length, width)
+    wide_q[..., :dim] = q
+    wide_q[..., dim : dim + extra] = _OFF / scale
+    wide_q[:, :, rows, dim : dim + extra] = scores.to(q.dtype)
+    wide_k = k.new_zeros(batch, heads, length + extra, width)
+    wide_k[:, :, :length, :dim] = k
+    channels = torch.arange(extra, device=k.device)
+    wide_k[:, :, length + channels, dim + channels] = 1.0  # identity key j: 1 on channel D + j
+    wide_v = v.new_zeros(batch, heads, length + extra, width)
+    wide_v[:, :, :length, :dim] = v
+    wide_v[:, :, length:, :dim] = torch.cat(
+        [_split(s.value, heads).expand(batch, -1, -1, -1) for s in visual], dim=2
+    )
+    return F.scaled_dot_product_attention(wide_q, wide_k, wide_v, scale=scale)[..., :dim]
 
 
 # The score of an identity key where it is off (text rows, outside a region, other branches):
@@ -221,13 +222,12 @@ def _identity_scores(s: VisualKeys, batch: int, heads: int, scale: float) -> tor
 
 
 def joint_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visual: list[VisualKeys], rows: slice, heads: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visual: list[VisualKeys], rows: slice
 ) -> torch.Tensor:
     """The module docstring's formula written out row block by row block, with explicit score
     matrices: the spec the tests compare the fused version against. Not used at run time."""
-    batch, length, inner = q.shape
-    scale = (inner // heads) ** -0.5
-    q, k, v = (_split(t, heads) for t in (q, k, v))
+    batch, heads, _, dim = q.shape
+    scale = dim**-0.5
     out = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1) @ v  # text rows (and all rows before z)
     image_q = q[:, :, rows]
     scores = [image_q @ k.transpose(-1, -2) * scale]
@@ -238,8 +238,7 @@ def joint_attention_reference(
         scores.append(extra if s.bias is None else extra + s.bias)
         values.append(value)
     image_out = torch.softmax(torch.cat(scores, dim=-1), dim=-1) @ torch.cat(values, dim=2)
-    out = torch.cat([out[:, :, : rows.start], image_out, out[:, :, rows.stop :]], dim=2)
-    return _merge(out)
+    return torch.cat([out[:, :, : rows.start], image_out, out[:, :, rows.stop :]], dim=2)
 
 
 def attach_joint(patched: ModelPatcher, stream: Stream) -> None:

@@ -218,9 +218,9 @@ def test_at_initialization_the_parallel_query_is_the_blocks_own_image_query(vari
     seen = []
     fused = joint_patching.joint_attention
 
-    def spy(q, k, v, visual, rows, heads):
-        seen.append((q, visual[0].query, rows))
-        return fused(q, k, v, visual, rows, heads)
+    def spy(q, k, v, visual, rows):
+        seen.append((q.transpose(1, 2).flatten(2), visual[0].query, rows))  # [B, N, H*D] like the query
+        return fused(q, k, v, visual, rows)
 
     monkeypatch.setattr(joint_patching, "joint_attention", spy)
     run_dit(apply_identity(model, pva, _tokens(pva, 1)), flux_inputs(model, batch=2))
@@ -257,9 +257,9 @@ def test_flux2_reference_images_at_timestep_zero_keep_the_targets_own_parallel_q
     seen = []
     fused = joint_patching.joint_attention
 
-    def spy(q, k, v, visual, rows, heads):
-        seen.append((q, visual[0].query, visual[0].bias, rows))
-        return fused(q, k, v, visual, rows, heads)
+    def spy(q, k, v, visual, rows):
+        seen.append((q.transpose(1, 2).flatten(2), visual[0].query, visual[0].bias, rows))
+        return fused(q, k, v, visual, rows)
 
     monkeypatch.setattr(joint_patching, "joint_attention", spy)
     inputs = flux_inputs(model, batch=1, size=16)
