@@ -65,7 +65,6 @@ def fill_random(module: torch.nn.Module, seed: int) -> None:
 def tiny_model(family: str = "sd15", in_channels: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ModelPatcher around a ComfyUI BaseModel of the given family, on CPU, in `dtype`."""
     import comfy.model_base
-    import comfy.model_patcher
     import comfy.supported_models as sm
 
     config_class = {"sd15": sm.SD15, "sd20": sm.SD20, "sd20v": sm.SD20, "sdxl": sm.SDXL}[family]
@@ -80,6 +79,13 @@ def tiny_model(family: str = "sd15", in_channels: int = 4, seed: int = 0, dtype:
     model = model_class(config, model_type=model_type, device=torch.device("cpu"))
     if config.inpaint_model():
         model.set_inpaint()
+    return _on_cpu(model, seed)
+
+
+def _on_cpu(model, seed: int):
+    """A ModelPatcher on the CPU around `model`, its diffusion model filled with random weights."""
+    import comfy.model_patcher
+
     fill_random(model.diffusion_model, seed)
     model.eval()
     return comfy.model_patcher.ModelPatcher(
@@ -175,17 +181,12 @@ QWEN_IMAGE = dict(
 
 def tiny_qwen_image(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ModelPatcher around ComfyUI's QwenImage BaseModel at a tiny width, on CPU."""
-    import comfy.model_patcher
     import comfy.supported_models as sm
 
     config = sm.QwenImage(dict(QWEN_IMAGE))
     config.set_inference_dtype(dtype, None)
     model = config.get_model({}, device=torch.device("cpu"))
-    fill_random(model.diffusion_model, seed)
-    model.eval()
-    return comfy.model_patcher.ModelPatcher(
-        model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
-    )
+    return _on_cpu(model, seed)
 
 
 def _host_flux_params(variant: str) -> dict:
@@ -201,18 +202,13 @@ def _host_flux_params(variant: str) -> dict:
 def tiny_flux(variant: str = "flux", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
     """A ModelPatcher around ComfyUI's Flux / Flux Fill / Flux.2 BaseModel at a tiny width, on CPU
     (`overrides`: other config values, e.g. hidden_size and num_heads)."""
-    import comfy.model_patcher
     import comfy.supported_models as sm
 
     config_class = {"flux": sm.Flux, "flux-fill": sm.FluxInpaint, "flux2": sm.Flux2}[variant]
     config = config_class(dict(FLUX_VARIANTS[variant], **_host_flux_params(variant), **overrides))
     config.set_inference_dtype(dtype, None)
     model = config.get_model({}, device=torch.device("cpu"))
-    fill_random(model.diffusion_model, seed)
-    model.eval()
-    return comfy.model_patcher.ModelPatcher(
-        model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
-    )
+    return _on_cpu(model, seed)
 
 
 def flux_inputs(patcher, batch: int = 2, size: int = 16, seed: int = 1, tokens: int = 12) -> dict:
