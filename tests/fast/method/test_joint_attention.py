@@ -272,3 +272,16 @@ def test_flux2_reference_images_at_timestep_zero_keep_the_targets_own_parallel_q
         assert rows.stop - rows.start == target + 64
         assert (parallel[:, :target] - q[:, rows][:, :target]).abs().max() <= 1e-5
         assert bias is not None and torch.isinf(bias[:, :, target:]).all()
+
+
+@pytest.mark.parametrize("scope, acting_row", [("positive", 1), ("negative", 0)])
+def test_apply_to_acts_only_on_its_cfg_branch(flux_setup, scope, acting_row):
+    """A CFG batch [uncond, cond] (cond_or_uncond [1, 0]): the identity changes only the rows of
+    the branch it applies to; the other rows are the base model's (to float rounding)."""
+    _, model, pva = flux_setup
+    inputs = flux_inputs(model, batch=2)
+    options = {"cond_or_uncond": [1, 0]}
+    base = run_dit(model, inputs, options)
+    out = run_dit(apply_identity(model, pva, _tokens(pva, 1), scope=scope), inputs, options)
+    change = (out - base).flatten(1).abs().amax(dim=1)
+    assert change[1 - acting_row] <= 1e-5 and change[acting_row] > 1e-3, change
