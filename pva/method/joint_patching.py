@@ -182,7 +182,8 @@ def joint_attention(
     extra channels. One call over head width D + sum(M) (padded to a multiple of 8, as the fast
     kernels want) then scores q.k for the block's keys and S for the identity keys, in the same
     softmax. (attention.py's construction, a second query of width D per stream, would double
-    the cost of this N x N attention; this one adds sum(M)/D.)"""
+    the cost of this N x N attention; this one adds sum(M)/D.) In bf16/fp16, S enters the kernel
+    rounded to that precision once, as q and k themselves do."""
     batch, heads, length, dim = q.shape
     scale = dim**-0.5
     extra = sum(s.key.shape[1] for s in visual)
