@@ -88,7 +88,8 @@ def test_the_pretraining_script_names_a_damaged_cache_file_without_a_traceback(w
     from pva.data.preprocess import person_file
 
     dataset, cache = small_cache
-    damaged = person_file(cache, sorted(dataset.people)[0])
+    # a training person's file (pretraining reads the train and val people's only)
+    damaged = person_file(cache, sorted(dataset.splits["train"])[0])
     pickle_at(damaged, tmp_path / "payload-ran")
     command = [
         sys.executable, str(REPO_ROOT / "scripts" / "pretrain.py"), "--checkpoint", str(tmp_path / "any.safetensors"),
