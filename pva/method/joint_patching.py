@@ -122,7 +122,7 @@ class JointBlockIdentity:
         key = mmdit.norm_key(self.block, _split(key, heads))
         bias = stream.score_bias(batch, grid, options, x.device)
         return VisualKeys(
-            _merge(query), _merge(key).to(x.dtype), value, _image_rows(bias, batch, length, grid)
+            _merge(query), _merge(key).to(x.dtype), value, _image_rows(bias, batch, length, grid, x.device)
         )
 
 
@@ -139,17 +139,17 @@ def _merge(t: torch.Tensor) -> torch.Tensor:
 
 
 def _image_rows(
-    bias: torch.Tensor | None, batch: int, length: int, grid: tuple[int, int] | None
+    bias: torch.Tensor | None, batch: int, length: int, grid: tuple[int, int] | None, device: torch.device
 ) -> torch.Tensor | None:
     """A stream's bias over all `length` image tokens: the target image's h*w tokens come first;
     tokens after them (Kontext's reference images) never see the identity."""
     target = length if grid is None else grid[0] * grid[1]
     if target >= length:
         return bias
-    inside = torch.zeros(1, 1, 1, 1) if bias is None else bias
+    inside = torch.zeros(1, 1, 1, 1, device=device) if bias is None else bias
     inside = inside.expand(batch, 1, target, 1)
     outside = torch.full((batch, 1, length - target, 1), -math.inf, device=inside.device, dtype=inside.dtype)
-    return torch.cat([inside, outside.to(inside.device)], dim=2)
+    return torch.cat([inside, outside], dim=2)
 
 
 def _joint_attention(func, *args, visual: list[VisualKeys], rows: slice, previous, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202

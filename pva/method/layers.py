@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ..errors import PVAError
+
 if TYPE_CHECKING:
     from comfy.model_patcher import ModelPatcher
 
@@ -34,6 +36,9 @@ def native_resolution(model_patcher: "ModelPatcher") -> int:
     return 1024
 
 
+JOINT = "joint_attention"
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """One cross-attention layer, named as in ComfyUI's diffusion_model state dict."""
@@ -43,7 +48,7 @@ class LayerSpec:
     context_dim: int
     inner_dim: int
     heads: int
-    kind: str = "cross_attention"  # or "joint_attention"
+    kind: str = "cross_attention"  # or JOINT
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -67,7 +72,16 @@ def find_layers(diffusion_model: nn.Module) -> list[LayerSpec]:
     return find_cross_attention_layers(diffusion_model)
 
 
-JOINT = "joint_attention"
+def require_layers(model_patcher: "ModelPatcher") -> list[LayerSpec]:
+    """find_layers of the MODEL, or an error that says why PVA has nothing to attach to."""
+    layers = find_layers(model_patcher.model.diffusion_model)
+    if not layers:
+        raise PVAError(
+            f"model: this MODEL ({type(model_patcher.model.model_config).__name__}) has neither cross-attention "
+            "layers (SD1.x/2.x/XL) nor double-stream blocks (Flux, Flux.2, Qwen-Image), so there is nothing "
+            "for parallel visual attention to attach to."
+        )
+    return layers
 
 
 def find_cross_attention_layers(diffusion_model: nn.Module) -> list[LayerSpec]:

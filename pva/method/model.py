@@ -8,7 +8,7 @@ from torch import nn
 
 from ..errors import PVAError
 from .encoder import IdentityEncoder
-from .layers import JOINT, LayerSpec, family_label, find_layers
+from .layers import JOINT, LayerSpec, family_label, require_layers
 from .person_token import PersonToken
 
 if TYPE_CHECKING:
@@ -98,13 +98,7 @@ class PVAModel(nn.Module):
         Uses the checkpoint's own weights (LoRA weight patches are not folded in), also while
         ComfyUI has a patched clone of the same model loaded."""
         diffusion_model = model_patcher.model.diffusion_model
-        layers = find_layers(diffusion_model)
-        if not layers:
-            raise PVAError(
-                f"model: this MODEL ({type(model_patcher.model.model_config).__name__}) has neither cross-attention "
-                "layers (SD1.x/2.x/XL) nor double-stream blocks (Flux, Flux.2), so there is nothing for "
-                "parallel visual attention to attach to."
-            )
+        layers = require_layers(model_patcher)
         context_dim = layers[0].context_dim
         family = type(model_patcher.model.model_config).__name__
         modules = dict(diffusion_model.named_modules())

@@ -20,7 +20,7 @@ from ..errors import PVAError
 from ..host.models import attention_precision
 from .attention import VisualKeys, parallel_attention
 from .joint_patching import attach_joint
-from .layers import JOINT, family_label, find_layers
+from .layers import JOINT, family_label, require_layers
 
 if TYPE_CHECKING:
     from comfy.model_patcher import ModelPatcher
@@ -320,13 +320,8 @@ _ARCHITECTURE = {"cross_attention": "UNet with cross-attention", JOINT: "DiT wit
 
 def check_compatible(pva: nn.Module, model_patcher: "ModelPatcher") -> None:
     """Explain, in the user's terms, why a PVA model does not fit a MODEL."""
-    layers = find_layers(model_patcher.model.diffusion_model)
+    layers = require_layers(model_patcher)
     model_family = type(model_patcher.model.model_config).__name__
-    if not layers:
-        raise PVAError(
-            f"model: this MODEL ({model_family}) has neither cross-attention layers (SD1.x/2.x/XL) nor "
-            "double-stream blocks (Flux, Flux.2), so PVA cannot be applied to it."
-        )
     if layers[0].kind != pva.layers[0].kind:
         raise PVAError(
             f"pva_model: this PVA model was made for {pva.describe()}, a {_ARCHITECTURE[pva.layers[0].kind]}; "

@@ -149,6 +149,25 @@ def text_conditioning(patcher, seed: int = 7, tokens: int = 77) -> list:
     return [[torch.randn(1, tokens, context_dim, generator=generator), extra]]
 
 
+def dit_conditioning(patcher, seed: int = 7, tokens: int = 12) -> list:
+    """A CONDITIONING like a DiT's text encoders give, random: Flux's T5 context with its pooled
+    CLIP text (none for Flux.2) and the guidance FluxGuidance sets; Qwen-Image's context alone."""
+    generator = torch.Generator().manual_seed(seed)
+    config = patcher.model.model_config.unet_config
+    if config["image_model"] == "qwen_image":
+        return [[torch.randn(1, tokens, config["joint_attention_dim"], generator=generator), {}]]
+    extra = {"guidance": 3.5, "pooled_output": None}
+    if config.get("vec_in_dim"):
+        extra["pooled_output"] = torch.randn(1, config["vec_in_dim"], generator=generator)
+    return [[torch.randn(1, tokens, config["context_in_dim"], generator=generator), extra]]
+
+
+def identity_tokens(pva, seed: int) -> torch.Tensor:
+    """The PVA model's identity tokens of three random (unit) face embeddings."""
+    generator = torch.Generator().manual_seed(seed)
+    return pva.encode(torch.nn.functional.normalize(torch.randn(3, 512, generator=generator), dim=-1))
+
+
 # comfy.model_detection's Flux / Flux.2 configs at a tiny width: 2 heads of 32 channels (RoPE axes
 # summing to 32), 2 double-stream and 1 single-stream block; text 32-d, pooled text 32-d.
 _FLUX_COMMON = dict(

@@ -4,7 +4,15 @@ Qwen-Image classes at a tiny width (random weights), through ModelPatcher and a 
 import comfy.sample
 import pytest
 import torch
-from harness.models import flux_inputs, run_dit, tiny_flux, tiny_model, tiny_qwen_image
+from harness.models import (
+    dit_conditioning,
+    flux_inputs,
+    identity_tokens,
+    run_dit,
+    tiny_flux,
+    tiny_model,
+    tiny_qwen_image,
+)
 
 from pva.errors import PVAError, PVAWeightsError
 from pva.method import joint_patching
@@ -19,11 +27,6 @@ def _dit(variant):
     return tiny_qwen_image() if variant == "qwen-image" else tiny_flux(variant)
 
 
-def _tokens(pva, seed):
-    g = torch.Generator().manual_seed(seed)
-    return pva.encode(torch.nn.functional.normalize(torch.randn(3, 512, generator=g), dim=-1))
-
-
 @pytest.fixture(scope="module", params=VARIANTS)
 def flux_setup(request):
     model = _dit(request.param)
@@ -33,16 +36,14 @@ def flux_setup(request):
 
 def _sample(model, seed=3, steps=3):
     config = model.model.model_config.unet_config
-    g = torch.Generator().manual_seed(7)
-    if config["image_model"] == "qwen_image":  # video-style latents [B, C, T, H, W]
-        latent = torch.zeros(1, config["out_channels"], 1, 8, 8)
-        positive = [[torch.randn(1, 12, config["joint_attention_dim"], generator=g), {}]]
-    else:
-        latent = torch.zeros(1, config["out_channels"], 8, 8)
-        extra = {"guidance": 3.5, "pooled_output": None}  # Flux.2 has no pooled text
-        if config.get("vec_in_dim"):
-            extra["pooled_output"] = torch.randn(1, config["vec_in_dim"], generator=g)
-        positive = [[torch.randn(1, 12, config["context_in_dim"], generator=g), extra]]
+    # Qwen-Image's latents are video-style [B, C, T, H, W]
+    shape = (
+        (1, config["out_channels"], 1, 8, 8)
+        if config["image_model"] == "qwen_image"
+        else (1, config["out_channels"], 8, 8)
+    )
+    latent = torch.zeros(shape)
+    positive = dit_conditioning(model)
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(
         model, noise, steps, 1.0, "euler", "simple", positive, positive, latent, denoise=1.0, seed=seed
@@ -75,15 +76,15 @@ def test_initialized_from_the_blocks_image_query_and_text_key_value_weights(flux
 def test_strength_zero_and_inactive_identity_are_bit_exact_through_a_sampler(flux_setup):
     _, model, pva = flux_setup
     base = _sample(model)
-    zero = apply_identity(model, pva, _tokens(pva, 1), strength=0.0)
+    zero = apply_identity(model, pva, identity_tokens(pva, 1), strength=0.0)
     assert torch.equal(_sample(zero), base)
-    negative_only = apply_identity(model, pva, _tokens(pva, 1), scope="negative")  # cfg 1: no uncond
+    negative_only = apply_identity(model, pva, identity_tokens(pva, 1), scope="negative")  # cfg 1: no uncond
     assert torch.equal(_sample(negative_only), base)
     # 3 euler steps sit at 0, 1/3 and 2/3 of the schedule: none inside [0.9, 1]
-    late = apply_identity(model, pva, _tokens(pva, 1), start_percent=0.9, end_percent=1.0)
+    late = apply_identity(model, pva, identity_tokens(pva, 1), start_percent=0.9, end_percent=1.0)
     assert torch.equal(_sample(late), base)
     # control: the same identity at strength 1 moves the sample well beyond float noise
-    acting = _sample(apply_identity(model, pva, _tokens(pva, 1)))
+    acting = _sample(apply_identity(model, pva, identity_tokens(pva, 1)))
     assert (acting - base).abs().mean() > 1e-3
     # the user's MODEL is untouched: no block replacement left behind, the same sample again
     assert "patches_replace" not in model.model_options.get("transformer_options", {})
@@ -100,7 +101,7 @@ def test_fused_joint_softmax_equals_the_written_out_reference(flux_setup, monkey
             p.add_(torch.randn_like(p) * 0.05)
     region = torch.zeros(1, 128, 128)
     region[:, :, :80] = 1.0
-    patched = apply_identity(model, pva, _tokens(pva, 2), strength=0.7, region=region)
+    patched = apply_identity(model, pva, identity_tokens(pva, 2), strength=0.7, region=region)
     inputs = flux_inputs(model, batch=2, size=16)
     fused = run_dit(patched, inputs)
     monkeypatch.setattr(joint_patching, "joint_attention", joint_patching.joint_attention_reference)
@@ -143,16 +144,18 @@ def test_a_region_masked_identity_acts_inside_its_region(flux_setup):
     inside = inside.flatten()
 
     base_block = _first_block_image(model, inputs)[0]
-    person = _first_block_image(apply_identity(model, pva, _tokens(pva, 1), region=region), inputs)[0]
+    person = _first_block_image(apply_identity(model, pva, identity_tokens(pva, 1), region=region), inputs)[0]
     change = (person - base_block).abs().amax(dim=-1)
     assert change[~inside].max() <= 1e-5, "outside the region the first block is the base block"
     assert change[inside].min() > 1e-4
 
     base = run_dit(model, inputs)[0]
-    zero = run_dit(apply_identity(model, pva, torch.zeros_like(_tokens(pva, 1)), region=region), inputs)[0]
+    zero = run_dit(
+        apply_identity(model, pva, torch.zeros_like(identity_tokens(pva, 1)), region=region), inputs
+    )[0]
     left = slice(0, 10)
     for seed in (1, 2, 3):
-        out = run_dit(apply_identity(model, pva, _tokens(pva, seed), region=region), inputs)[0]
+        out = run_dit(apply_identity(model, pva, identity_tokens(pva, seed), region=region), inputs)[0]
         delta = (out - base).abs()
         inside_change, outside_change = delta[..., left].mean(), delta[..., 10:].mean()
         assert inside_change > 3 * outside_change, (seed, inside_change, outside_change)
@@ -166,16 +169,16 @@ def test_models_of_another_architecture_or_width_are_refused():
     with pytest.raises(
         PVAError, match=r"made for SD1.x .*UNet with cross-attention; the MODEL is Flux, a DiT"
     ):
-        apply_identity(flux, unet_pva, _tokens(unet_pva, 1))
+        apply_identity(flux, unet_pva, identity_tokens(unet_pva, 1))
     with pytest.raises(
         PVAError, match=r"made for Flux \(2 double-stream blocks, 64-d tokens\).*the MODEL is SD15"
     ):
-        apply_identity(sd15, flux_pva, _tokens(flux_pva, 1))
+        apply_identity(sd15, flux_pva, identity_tokens(flux_pva, 1))
     with pytest.raises(PVAError, match=r"tokens of shape \(1, 4, 768\) do not fit Flux"):
         apply_identity(flux, flux_pva, torch.zeros(1, 4, 768))
     wider = tiny_flux("flux", hidden_size=96, num_heads=3)
     with pytest.raises(PVAError, match=r"made for Flux \(2 double-stream blocks, 64-d tokens\).*96-d"):
-        apply_identity(wider, flux_pva, _tokens(flux_pva, 1))
+        apply_identity(wider, flux_pva, identity_tokens(flux_pva, 1))
 
 
 def test_flux_pva_file_round_trips_and_records_its_architecture(tmp_path):
@@ -188,7 +191,7 @@ def test_flux_pva_file_round_trips_and_records_its_architecture(tmp_path):
     loaded = load_pva(path)
     assert loaded.layers == pva.layers
     inputs = flux_inputs(model, batch=1)
-    tokens = _tokens(pva, 1)
+    tokens = identity_tokens(pva, 1)
     assert torch.equal(
         run_dit(apply_identity(model, loaded, tokens), inputs),
         run_dit(apply_identity(model, pva, tokens), inputs),
@@ -223,7 +226,7 @@ def test_at_initialization_the_parallel_query_is_the_blocks_own_image_query(vari
         return fused(q, k, v, visual, rows)
 
     monkeypatch.setattr(joint_patching, "joint_attention", spy)
-    run_dit(apply_identity(model, pva, _tokens(pva, 1)), flux_inputs(model, batch=2))
+    run_dit(apply_identity(model, pva, identity_tokens(pva, 1)), flux_inputs(model, batch=2))
     assert len(seen) == 2  # one widened attention call per double-stream block
     for q, parallel, rows in seen:
         assert rows.start == 12 and rows.stop == q.shape[1]  # [12 text tokens; image tokens]
@@ -239,7 +242,7 @@ def test_kontext_reference_tokens_never_see_the_identity():
     inputs = flux_inputs(model, batch=1, size=16)
     inputs["ref_latents"] = [torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(5))]
     base = _first_block_image(model, inputs)[0]
-    person = _first_block_image(apply_identity(model, pva, _tokens(pva, 1)), inputs)[0]
+    person = _first_block_image(apply_identity(model, pva, identity_tokens(pva, 1)), inputs)[0]
     assert base.shape[0] == 64 + 16  # 8x8 target tokens, then 4x4 reference tokens
     change = (person - base).abs().amax(dim=-1)
     assert change[:64].min() > 1e-4
@@ -265,7 +268,7 @@ def test_flux2_reference_images_at_timestep_zero_keep_the_targets_own_parallel_q
     inputs = flux_inputs(model, batch=1, size=16)
     reference = torch.randn(1, 128, 8, 8, generator=torch.Generator().manual_seed(5))
     inputs.update(ref_latents=[reference], ref_latents_method="index_timestep_zero")
-    out = run_dit(apply_identity(model, pva, _tokens(pva, 1)), inputs)
+    out = run_dit(apply_identity(model, pva, identity_tokens(pva, 1)), inputs)
     assert torch.isfinite(out).all() and len(seen) == 2
     target = 16 * 16  # Flux.2: 1x1 patches of the 16x16 latent, then the 8x8 reference's 64 tokens
     for q, parallel, bias, rows in seen:
@@ -282,6 +285,6 @@ def test_apply_to_acts_only_on_its_cfg_branch(flux_setup, scope, acting_row):
     inputs = flux_inputs(model, batch=2)
     options = {"cond_or_uncond": [1, 0]}
     base = run_dit(model, inputs, options)
-    out = run_dit(apply_identity(model, pva, _tokens(pva, 1), scope=scope), inputs, options)
+    out = run_dit(apply_identity(model, pva, identity_tokens(pva, 1), scope=scope), inputs, options)
     change = (out - base).flatten(1).abs().amax(dim=1)
     assert change[1 - acting_row] <= 1e-5 and change[acting_row] > 1e-3, change

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from harness.models import run_unet, tiny_model, unet_inputs
+from harness.models import identity_tokens, run_unet, tiny_model, unet_inputs
 
 from pva.errors import PVAError
 from pva.method.attention import VisualKeys, parallel_attention_reference
@@ -10,11 +10,6 @@ from pva.method.model import PVAModel
 from pva.method.patching import apply_identity
 
 FAMILIES = ["sd15", "sd20", "sd20v", "sdxl"]
-
-
-def _tokens(pva, seed):
-    g = torch.Generator().manual_seed(seed)
-    return pva.encode(torch.nn.functional.normalize(torch.randn(3, 512, generator=g), dim=-1))
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -39,14 +34,14 @@ def test_strength_zero_and_no_identity_equal_the_base_model(family_setup):
     _, model, pva = family_setup
     inputs = unet_inputs(model)
     base = run_unet(model, inputs)
-    zero = apply_identity(model, pva, _tokens(pva, 1), strength=0.0)
+    zero = apply_identity(model, pva, identity_tokens(pva, 1), strength=0.0)
     assert (run_unet(zero, inputs) - base).abs().max() <= 1e-6
     # identity present but outside the schedule (sigma window excludes this step)
-    late = apply_identity(model, pva, _tokens(pva, 1), start_percent=0.9, end_percent=1.0)
+    late = apply_identity(model, pva, identity_tokens(pva, 1), start_percent=0.9, end_percent=1.0)
     options = {"sigmas": torch.tensor([14.6, 14.6])}
     assert (run_unet(late, inputs, options) - base).abs().max() <= 1e-6
     # positive-only identity on an all-negative batch
-    positive = apply_identity(model, pva, _tokens(pva, 1))
+    positive = apply_identity(model, pva, identity_tokens(pva, 1))
     assert (run_unet(positive, inputs, {"cond_or_uncond": [1]}) - base).abs().max() <= 1e-6
 
 
@@ -55,9 +50,9 @@ def test_identity_changes_output_and_unpatch_restores_model(family_setup):
     inputs = unet_inputs(model)
     base = run_unet(model, inputs)
     state_before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    patched = apply_identity(model, pva, _tokens(pva, 1))
+    patched = apply_identity(model, pva, identity_tokens(pva, 1))
     out_a = run_unet(patched, inputs)
-    out_b = run_unet(apply_identity(model, pva, _tokens(pva, 2)), inputs)
+    out_b = run_unet(apply_identity(model, pva, identity_tokens(pva, 2)), inputs)
     assert (out_a - base).abs().max() > 1e-4
     assert (out_a - out_b).abs().max() > 1e-5, "two identities must give different outputs"
     # the user's MODEL is untouched and gives exactly its earlier output
@@ -71,7 +66,7 @@ def test_identity_changes_output_and_unpatch_restores_model(family_setup):
 def test_patched_state_dict_keys_unchanged(family_setup):
     """LoRA patches and low-VRAM loading address modules by name: the names must not move."""
     _, model, pva = family_setup
-    patched = apply_identity(model, pva, _tokens(pva, 1))
+    patched = apply_identity(model, pva, identity_tokens(pva, 1))
     keys = set(model.model.state_dict().keys())
     patched.patch_model()
     try:
@@ -86,14 +81,14 @@ def test_positive_scope_leaves_negative_half_of_cfg_batch_alone():
     inputs = unet_inputs(model, batch=2)
     options = {"cond_or_uncond": [1, 0]}  # first half uncond, second half cond
     base = run_unet(model, inputs, options)
-    positive = run_unet(apply_identity(model, pva, _tokens(pva, 1)), inputs, options)
-    both = run_unet(apply_identity(model, pva, _tokens(pva, 1), scope="both"), inputs, options)
+    positive = run_unet(apply_identity(model, pva, identity_tokens(pva, 1)), inputs, options)
+    both = run_unet(apply_identity(model, pva, identity_tokens(pva, 1), scope="both"), inputs, options)
     assert (positive[0] - base[0]).abs().max() <= 1e-5
     assert (positive[1] - base[1]).abs().max() > 1e-4
     assert (both[0] - base[0]).abs().max() > 1e-4
     # the cond half is what a cond-only batch gives: splitting the CFG batch changes nothing
     cond_only = run_unet(
-        apply_identity(model, pva, _tokens(pva, 1)),
+        apply_identity(model, pva, identity_tokens(pva, 1)),
         {k: v[1:] for k, v in inputs.items()},
         {"cond_or_uncond": [0]},
     )
@@ -109,12 +104,14 @@ def test_negative_scope_changes_only_the_uncond_rows_of_a_cfg_batch():
     inputs = unet_inputs(model, batch=4)
     options = {"cond_or_uncond": [1, 0]}  # rows 0-1 uncond, rows 2-3 cond
     base = run_unet(model, inputs, options)
-    negative = run_unet(apply_identity(model, pva, _tokens(pva, 1), scope="negative"), inputs, options)
+    negative = run_unet(
+        apply_identity(model, pva, identity_tokens(pva, 1), scope="negative"), inputs, options
+    )
     assert torch.equal(negative[2:], base[2:]), (negative[2:] - base[2:]).abs().max()
     assert (negative[:2] - base[:2]).abs().amin(dim=(1, 2, 3)).min() > 0
     assert (negative[:2] - base[:2]).abs().max() > 1e-3
     uncond_only = run_unet(
-        apply_identity(model, pva, _tokens(pva, 1), scope="both"),
+        apply_identity(model, pva, identity_tokens(pva, 1), scope="both"),
         {k: v[:2] for k, v in inputs.items()},
         {"cond_or_uncond": [1]},
     )
@@ -123,12 +120,14 @@ def test_negative_scope_changes_only_the_uncond_rows_of_a_cfg_batch():
     # a cond-only batch, and a batch without CFG information (counted as positive), are untouched
     assert torch.equal(
         run_unet(
-            apply_identity(model, pva, _tokens(pva, 1), scope="negative"), inputs, {"cond_or_uncond": [0]}
+            apply_identity(model, pva, identity_tokens(pva, 1), scope="negative"),
+            inputs,
+            {"cond_or_uncond": [0]},
         ),
         run_unet(model, inputs, {"cond_or_uncond": [0]}),
     )
     assert torch.equal(
-        run_unet(apply_identity(model, pva, _tokens(pva, 1), scope="negative"), inputs),
+        run_unet(apply_identity(model, pva, identity_tokens(pva, 1), scope="negative"), inputs),
         run_unet(model, inputs),
     )
 
@@ -140,7 +139,7 @@ def test_negative_scope_without_splitting_the_batch_masks_the_cond_rows():
     pva = PVAModel.initialize_from(model, num_tokens=4, encoder_depth=1)
     inputs = unet_inputs(model, batch=2)
     options = {"cond_or_uncond": [1, 0]}
-    tokens = _tokens(pva, 1).expand(2, -1, -1)
+    tokens = identity_tokens(pva, 1).expand(2, -1, -1)
     base = run_unet(model, inputs, options)
     negative = run_unet(apply_identity(model, pva, tokens, scope="negative"), inputs, options)
     assert (negative[1] - base[1]).abs().max() <= 1e-5
@@ -154,7 +153,7 @@ def test_face_swap_identities_each_act_on_their_own_branch():
     pva = PVAModel.initialize_from(model, num_tokens=4, encoder_depth=1)
     inputs = unet_inputs(model, batch=2)
     options = {"cond_or_uncond": [1, 0]}
-    source, target = _tokens(pva, 1), _tokens(pva, 2)
+    source, target = identity_tokens(pva, 1), identity_tokens(pva, 2)
     swap = apply_identity(apply_identity(model, pva, source), pva, target, scope="negative")
     swapped = run_unet(swap, inputs, options)
     source_only = run_unet(apply_identity(model, pva, source), inputs, options)
@@ -179,11 +178,13 @@ def test_uncond_half_skips_the_wide_attention(monkeypatch):
     model = tiny_model("sd15")
     weights = PVAModel.initialize_from(model, num_tokens=4, encoder_depth=1)
     inputs = unet_inputs(model, batch=4)
-    run_unet(apply_identity(model, weights, _tokens(weights, 1)), inputs, {"cond_or_uncond": [1, 0]})
+    run_unet(apply_identity(model, weights, identity_tokens(weights, 1)), inputs, {"cond_or_uncond": [1, 0]})
     assert batches and set(batches) == {2}
     batches.clear()
     run_unet(
-        apply_identity(model, weights, _tokens(weights, 1), scope="both"), inputs, {"cond_or_uncond": [1, 0]}
+        apply_identity(model, weights, identity_tokens(weights, 1), scope="both"),
+        inputs,
+        {"cond_or_uncond": [1, 0]},
     )
     assert batches and set(batches) == {4}
 
@@ -211,7 +212,7 @@ def test_patched_layer_equals_reference_formula():
     with torch.no_grad():  # make W' differ from W so that a mix-up would show
         for p in pva.projections.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    tokens = _tokens(pva, 5)
+    tokens = identity_tokens(pva, 5)
     patched = apply_identity(model, pva, tokens, strength=0.6)
     layer = pva.layers[2].name
     captured = _capture_attention_inputs(patched, layer)
@@ -242,8 +243,8 @@ def test_chained_masked_identities_touch_only_their_regions():
     left, right = torch.zeros(1, 128, 128), torch.zeros(1, 128, 128)
     left[:, :, :48] = 1.0
     right[:, :, 80:] = 1.0
-    one = apply_identity(model, pva, _tokens(pva, 1), region=left)
-    two = apply_identity(one, pva, _tokens(pva, 2), region=right)
+    one = apply_identity(model, pva, identity_tokens(pva, 1), region=left)
+    two = apply_identity(one, pva, identity_tokens(pva, 2), region=right)
     assert len(two.get_model_object(f"diffusion_model.{pva.layers[0].name}").pva_streams) == 2
     # The first cross-attention layer sees identical hidden states in every run, so its output
     # shows exactly where each identity acts (deeper layers mix positions through convolutions).
@@ -266,13 +267,13 @@ def test_incompatible_pva_model_is_explained():
     with pytest.raises(
         PVAError, match=r"made for SD2.x \(SD20, 1024-d context\); the MODEL is SD1.x \(SD15, 768-d"
     ):
-        apply_identity(sd15, pva, _tokens(pva, 1))
+        apply_identity(sd15, pva, identity_tokens(pva, 1))
 
 
 def test_bad_controls_are_named():
     model = tiny_model("sd15")
     pva = PVAModel.initialize_from(model, num_tokens=4, encoder_depth=1)
-    tokens = _tokens(pva, 1)
+    tokens = identity_tokens(pva, 1)
     with pytest.raises(PVAError, match="strength"):
         apply_identity(model, pva, tokens, strength=-1)
     with pytest.raises(PVAError, match="start_percent"):
@@ -287,7 +288,7 @@ def test_pva_made_inside_comfyuis_inference_mode_executor_works():
     model = tiny_model("sd15")
     with torch.inference_mode():
         pva = PVAModel.initialize_from(model, num_tokens=4, encoder_depth=1)
-        patched = apply_identity(model, pva, _tokens(pva, 1))
+        patched = apply_identity(model, pva, identity_tokens(pva, 1))
         out = run_unet(patched, unet_inputs(model))
     assert torch.isfinite(out).all()
     assert not any(p.is_inference() for p in pva.parameters())
@@ -313,7 +314,7 @@ def test_attention_upcast_follows_comfyuis_policy(monkeypatch, forced_upcast):
     )
     model = tiny_model("sd15", seed=5)
     weights = PVAModel.initialize_from(model, num_tokens=4, encoder_depth=1)
-    layer = apply_identity(model, weights, _tokens(weights, 1)).get_model_object(
+    layer = apply_identity(model, weights, identity_tokens(weights, 1)).get_model_object(
         f"diffusion_model.{weights.layers[0].name}"
     )
     layer.half()
@@ -350,11 +351,11 @@ def test_another_packs_attention_replacement_is_reported(caplog):
     style), so PVA cannot act there: the user is told, not left guessing."""
     model = tiny_model("sd15")
     weights = PVAModel.initialize_from(model, num_tokens=4, encoder_depth=1)
-    apply_identity(model, weights, _tokens(weights, 1))
+    apply_identity(model, weights, identity_tokens(weights, 1))
     assert "replaced by another node" not in caplog.text
     adapted = model.clone()
     adapted.set_model_attn2_replace(lambda q, k, v, extra: q, "input", 1)
-    apply_identity(adapted, weights, _tokens(weights, 1))
+    apply_identity(adapted, weights, identity_tokens(weights, 1))
     assert (
         "1 cross-attention layers of this MODEL are replaced by another node's attention patch" in caplog.text
     )

@@ -12,16 +12,11 @@
 import comfy.sample
 import pytest
 import torch
-from harness.models import run_unet, text_conditioning, tiny_model, unet_inputs
+from harness.models import identity_tokens, run_unet, text_conditioning, tiny_model, unet_inputs
 
 import pva.method.patching
 from pva.method.model import PVAModel
 from pva.method.patching import apply_identity
-
-
-def _tokens(pva, seed):
-    g = torch.Generator().manual_seed(seed)
-    return pva.encode(torch.nn.functional.normalize(torch.randn(3, 512, generator=g), dim=-1))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +41,7 @@ def fused_calls(monkeypatch):
 def test_near_zero_strength_through_the_fused_attention_is_nearly_the_base_model(sd15, fused_calls):
     model, weights = sd15
     inputs = unet_inputs(model)
-    tokens = _tokens(weights, 1)
+    tokens = identity_tokens(weights, 1)
     base = run_unet(model, inputs)
 
     def change(strength):
@@ -94,7 +89,9 @@ def test_start_and_end_percent_switch_the_identity_on_inside_the_window(
 ):
     model, weights = sd15
     steps = 10
-    patched = apply_identity(model, weights, _tokens(weights, 1), start_percent=start, end_percent=end)
+    patched = apply_identity(
+        model, weights, identity_tokens(weights, 1), start_percent=start, end_percent=end
+    )
     per_step = []
 
     def count_identity_layers(apply_model, args):
@@ -123,7 +120,7 @@ def test_percent_maps_to_the_models_noise_levels(sd15):
     sampling = model.get_model_object("model_sampling")
     inputs = unet_inputs(model)
     base = run_unet(model, inputs)
-    patched = apply_identity(model, weights, _tokens(weights, 1), start_percent=0.25, end_percent=0.6)
+    patched = apply_identity(model, weights, identity_tokens(weights, 1), start_percent=0.25, end_percent=0.6)
     # Independent of percent_to_sigma: percent p of a discrete schedule is timestep (1 - p) * 999.
     high = float(sampling.sigma(torch.tensor(0.75 * 999.0)))
     low = float(sampling.sigma(torch.tensor(0.40 * 999.0)))

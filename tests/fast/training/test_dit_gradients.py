@@ -7,7 +7,7 @@ import copy
 import comfy.patcher_extension
 import pytest
 import torch
-from harness.models import flux_inputs, tiny_flux, tiny_qwen_image, tiny_vae
+from harness.models import dit_conditioning, flux_inputs, tiny_flux, tiny_qwen_image, tiny_vae
 from harness.people import synthetic_person
 
 from pva.host.mmdit import differentiable_residuals, host_training
@@ -72,9 +72,7 @@ def test_gradients_through_the_in_place_blocks_match_finite_differences(variant)
 def test_gradient_checkpointing_gives_the_same_gradients_on_flux():
     model = tiny_flux("flux-fill")
     vae = tiny_vae(latent_channels=16)
-    generator = torch.Generator().manual_seed(7)
-    pooled = torch.randn(1, 32, generator=generator)
-    positive = [[torch.randn(1, 12, 32, generator=generator), {"guidance": 3.5, "pooled_output": pooled}]]
+    positive = dit_conditioning(model)
     pva = PVAModel.initialize_from(model, num_tokens=4, seed=0, encoder_depth=1)
     person = synthetic_person((0.9, 0.2, 0.2), seed=1)
     gradients = []
@@ -104,7 +102,7 @@ def test_training_on_qwen_image_is_refused_with_a_reason():
 
     model = tiny_qwen_image()
     pva = PVAModel.initialize_from(model, num_tokens=4, encoder_depth=1)
-    positive = [[torch.randn(1, 12, 32), {}]]
+    positive = dit_conditioning(model)
     with pytest.raises(
         PVAError, match=r"training on QwenImage is not supported yet .*Apply PVA Identity works"
     ):

@@ -2,8 +2,7 @@
 the DiTs Flux Fill, Flux and Flux.2."""
 
 import pytest
-import torch
-from harness.models import text_conditioning, tiny_model, tiny_vae
+from harness.models import dit_conditioning, text_conditioning, tiny_flux, tiny_model, tiny_vae
 from harness.people import synthetic_person
 from harness.personalization import held_out_loss
 
@@ -21,6 +20,15 @@ def person():
     return synthetic_person((0.9, 0.2, 0.2), seed=1)
 
 
+def _personalize(model, vae, positive, person, learning_rate):
+    """10 steps from an initialized PVA model: (held-out loss before, after, the result)."""
+    start = PVAModel.initialize_from(model, num_tokens=4, seed=0, encoder_depth=1)
+    before = held_out_loss(model, vae, positive, start, person, time_bins=4)
+    settings = TrainingSettings(steps=10, learning_rate=learning_rate, time_bins=2, seed=0)
+    result = personalize(model, vae, positive, person, start, settings)
+    return before, held_out_loss(model, vae, positive, result.pva, person, time_bins=4), result
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "family, in_channels",
@@ -29,12 +37,7 @@ def person():
 )
 def test_personalization_trains_sd2_and_sdxl(vae, person, family, in_channels):
     model = tiny_model(family, in_channels=in_channels)
-    positive = text_conditioning(model)
-    start = PVAModel.initialize_from(model, num_tokens=4, seed=0, encoder_depth=1)
-    before = held_out_loss(model, vae, positive, start, person, time_bins=4)
-    settings = TrainingSettings(steps=10, learning_rate=5e-3, time_bins=2, seed=0)
-    result = personalize(model, vae, positive, person, start, settings)
-    after = held_out_loss(model, vae, positive, result.pva, person, time_bins=4)
+    before, after, result = _personalize(model, vae, text_conditioning(model), person, 5e-3)
     # Measured after 10 steps: 0.89 (SD2 inpainting), 0.72 (SD2 768-v), 0.87 (SDXL) x before.
     assert after < 0.95 * before, (family, before, after)
     assert result.pva.family == type(model.model.model_config).__name__
@@ -46,24 +49,9 @@ def test_personalization_trains_sd2_and_sdxl(vae, person, family, in_channels):
 def test_personalization_trains_flux_fill_flux_and_flux2(person, variant):
     """The same loss on flow-matching DiTs (ComfyUI's own Flux classes, tiny): with the model's
     own sampling (shift, flow noise), through the double-stream blocks' projections."""
-    from harness.models import tiny_flux
-
     model = tiny_flux(variant)
     vae = tiny_vae(latent_channels=128 if variant == "flux2" else 16)
-    config = model.model.model_config.unet_config
-    generator = torch.Generator().manual_seed(7)
-    pooled = torch.randn(1, config["vec_in_dim"], generator=generator) if config.get("vec_in_dim") else None
-    positive = [
-        [
-            torch.randn(1, 12, config["context_in_dim"], generator=generator),
-            {"guidance": 3.5, "pooled_output": pooled},
-        ]
-    ]
-    start = PVAModel.initialize_from(model, num_tokens=4, seed=0, encoder_depth=1)
-    before = held_out_loss(model, vae, positive, start, person, time_bins=4)
-    settings = TrainingSettings(steps=10, learning_rate=2e-2, time_bins=2, seed=0)
-    result = personalize(model, vae, positive, person, start, settings)
-    after = held_out_loss(model, vae, positive, result.pva, person, time_bins=4)
+    before, after, result = _personalize(model, vae, dit_conditioning(model), person, 2e-2)
     assert after < 0.95 * before, (variant, before, after)
     assert result.pva.family == type(model.model.model_config).__name__
     assert result.pva.context_dim == 64 and result.pva.layers[0].kind == "joint_attention"
